@@ -1,0 +1,237 @@
+"""The command-line surface of every entry point, defined in one place.
+
+`main.py`, `preprocess.py`, `download.py`, `evaluate.py` and the wrappers in `scripts/` build
+their parsers here, so a flag means the same thing wherever it appears.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from collections.abc import Sequence
+
+
+def positive_int(value: str) -> int:
+    number = int(value)
+    if number <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return number
+
+
+def non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
+    return number
+
+
+def positive_float(value: str) -> float:
+    number = float(value)
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {value}")
+    return number
+
+
+def probability(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a probability in [0, 1], got {value}")
+    return number
+
+
+def overlap_fraction(value: str) -> float:
+    number = float(value)
+    if not 0.0 <= number < 1.0:
+        raise argparse.ArgumentTypeError(f"expected an overlap in [0, 1), got {value}")
+    return number
+
+
+def default_workers() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+class Formatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows defaults next to each flag's help."""
+
+
+# ---------------------------------------------------------------------------------------------
+# main.py
+# ---------------------------------------------------------------------------------------------
+def main_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Train, evaluate, predict or benchmark an nnU-Net on a preprocessed task.",
+        formatter_class=Formatter,
+    )
+
+    run = parser.add_argument_group("run")
+    run.add_argument("--exec_mode", choices=["train", "evaluate", "predict"], default="train",
+                     help="train a model, validate a checkpoint on its fold, or predict test cases")
+    run.add_argument("--data", default="/data", help="preprocessed task folder, e.g. /data/01_3d")
+    run.add_argument("--results", default="/results", help="folder for checkpoints, logs and predictions")
+    run.add_argument("--logname", default="logs.json", help="name of the DLLogger-format log in --results")
+    run.add_argument("--gpus", type=non_negative_int, default=0, help="GPUs per node (0: run on the CPU)")
+    run.add_argument("--nodes", type=positive_int, default=1, help="number of machines (torchrun or SLURM)")
+    run.add_argument("--seed", type=int, default=None, help="random seed for reproducible runs")
+    run.add_argument("--amp", action="store_true",
+                     help="mixed precision: fp16 with a gradient scaler on CUDA, bf16 autocast on the CPU")
+    run.add_argument("--num_workers", type=positive_int, default=default_workers(),
+                     help="DALI worker threads per process")
+    run.add_argument("--dim", type=int, choices=[2, 3], default=None,
+                     help="2D or 3D network (default: the dimension the data was preprocessed for)")
+
+    data = parser.add_argument_group("data")
+    data.add_argument("--nfolds", type=positive_int, default=5, help="number of cross-validation folds")
+    data.add_argument("--fold", type=non_negative_int, default=0, help="fold used for validation")
+    data.add_argument("--batch_size", type=positive_int, default=2, help="training batch size per GPU")
+    data.add_argument("--val_batch_size", type=positive_int, default=4,
+                      help="patches per forward pass in sliding-window inference")
+    data.add_argument("--nvol", type=positive_int, default=4,
+                      help="2D only: volumes sampled per training batch, each giving batch_size/nvol slices")
+    data.add_argument("--oversampling", type=probability, default=0.4,
+                      help="probability that a training patch is centred on foreground")
+    data.add_argument("--no_rotation", action="store_true",
+                      help="turn off the rotation and scaling augmentation")
+
+    model = parser.add_argument_group("model")
+    model.add_argument("--filters", type=positive_int, nargs="+", default=None,
+                       help="channels per level (default: 32, 64, 128, 256, 320, 320, ... as nnU-Net)")
+    model.add_argument("--depth", type=positive_int, default=6, help="maximum number of encoder levels")
+    model.add_argument("--min_fmap", type=positive_int, default=4,
+                       help="smallest edge of the coarsest feature map (downsampling stops there)")
+    model.add_argument("--norm", choices=["instance", "batch", "group"], default="instance",
+                       help="normalization layer")
+    model.add_argument("--negative_slope", type=float, default=0.01, help="LeakyReLU negative slope")
+    model.add_argument("--res_block", action="store_true", help="residual blocks in the encoder and bottleneck")
+    model.add_argument("--deep_supervision", action="store_true", help="losses on the coarser decoder outputs")
+    model.add_argument("--deep_supr_num", type=positive_int, default=2,
+                       help="number of extra decoder outputs used by deep supervision")
+    model.add_argument("--focal", action="store_true", help="Dice + focal loss instead of Dice + cross-entropy")
+    model.add_argument("--brats", action="store_true",
+                       help="BraTS: train on the regions whole tumour, tumour core and enhancing tumour")
+    model.add_argument("--regions", action="store_true",
+                       help="train on the hierarchical regions declared in dataset.json (sigmoid outputs)")
+
+    optim = parser.add_argument_group("optimisation")
+    optim.add_argument("--epochs", type=positive_int, default=1000, help="maximum number of epochs")
+    optim.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "radam"], default="adam")
+    optim.add_argument("--learning_rate", type=positive_float, default=8e-4, help="initial learning rate")
+    optim.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (Nesterov)")
+    optim.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    optim.add_argument("--scheduler", choices=["none", "cosine", "poly", "multistep", "plateau"], default="none",
+                       help="learning-rate schedule")
+    optim.add_argument("--lr_warmup_epochs", type=non_negative_int, default=0,
+                       help="cosine: epochs of linear warmup before the decay")
+    optim.add_argument("--lr_steps", type=positive_int, nargs="+", default=None,
+                       help="multistep: epochs at which the learning rate is multiplied by --lr_gamma")
+    optim.add_argument("--lr_gamma", type=positive_float, default=0.1,
+                       help="multistep and plateau: factor applied to the learning rate")
+    optim.add_argument("--lr_patience", type=non_negative_int, default=10,
+                       help="plateau: evaluations without improvement before the learning rate drops")
+    optim.add_argument("--gradient_clip_val", type=float, default=0.0,
+                       help="clip the gradient norm to this value (0: no clipping)")
+    optim.add_argument("--patience", type=positive_int, default=100,
+                       help="stop after this many evaluations without a better mean Dice")
+
+    evaluation = parser.add_argument_group("evaluation and prediction")
+    evaluation.add_argument("--eval_every", type=positive_int, default=1, help="validate every N epochs")
+    evaluation.add_argument("--skip_first_n_eval", type=non_negative_int, default=0,
+                            help="skip validation in the first N epochs")
+    evaluation.add_argument("--overlap", type=overlap_fraction, default=0.5,
+                            help="overlap of neighbouring sliding windows")
+    evaluation.add_argument("--blend", choices=["gaussian", "constant"], default="gaussian",
+                            help="weighting of overlapping windows")
+    evaluation.add_argument("--tta", action="store_true", help="test-time augmentation over all flips")
+    evaluation.add_argument("--save_preds", action="store_true", help="write predictions as NIfTI")
+    evaluation.add_argument("--save_probs", action="store_true",
+                            help="also write class probabilities (float16, compressed)")
+    evaluation.add_argument("--overlay", action="store_true",
+                            help="write a PNG per case with the prediction's contours over the image")
+    evaluation.add_argument("--input", default=None,
+                            help="predict a folder of raw NIfTI images, preprocessing them on the fly")
+
+    checkpoint = parser.add_argument_group("checkpoints")
+    checkpoint.add_argument("--save_ckpt", action="store_true",
+                            help="save last.ckpt and the best checkpoint by mean Dice")
+    checkpoint.add_argument("--ckpt_path", default=None,
+                            help="checkpoint to evaluate, predict with, or start training from")
+    checkpoint.add_argument("--resume_training", action="store_true",
+                            help="continue training from --ckpt_path (default: results/checkpoints/last.ckpt)")
+
+    bench = parser.add_argument_group("benchmark")
+    bench.add_argument("--benchmark", action="store_true", help="time training or prediction steps")
+    bench.add_argument("--warmup", type=non_negative_int, default=1,
+                       help="benchmark: steps run before timing starts")
+    bench.add_argument("--train_batches", type=non_negative_int, default=0,
+                       help="batches per training epoch (0: the whole training set); timed steps in benchmark")
+    bench.add_argument("--test_batches", type=non_negative_int, default=0,
+                       help="batches per validation or prediction (0: all); timed steps in benchmark")
+
+    return parser
+
+
+def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    args = main_parser().parse_args(argv)
+    if args.dim == 2 and args.batch_size % args.nvol:
+        main_parser().error(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------
+# preprocess.py
+# ---------------------------------------------------------------------------------------------
+def preprocess_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Crop, resample and normalise an MSD-format task into NumPy volumes for training or inference.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--task", required=True,
+                        help="task number (00-10 or your own), or a task folder name such as Task05_Prostate")
+    parser.add_argument("--dim", type=int, choices=[2, 3], default=3, help="plan for a 2D or a 3D network")
+    parser.add_argument("--exec_mode", choices=["training", "val", "test"], default="training",
+                        help="training: imagesTr with labels; val: imagesTr without labels; test: imagesTs")
+    parser.add_argument("--data", default="/data", help="folder that holds the raw TaskNN_Name folders")
+    parser.add_argument("--results", default="/data", help="output root; the task goes to RESULTS/NN_3d or NN_2d")
+    parser.add_argument("--n_jobs", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
+                        help="cases preprocessed in parallel (one case per worker in memory)")
+    parser.add_argument("--overwrite", action="store_true", help="redo cases that are already preprocessed")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# download.py
+# ---------------------------------------------------------------------------------------------
+def download_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Fetch a Medical Segmentation Decathlon task (01-10), or write the synthetic task 00 offline.",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--task", required=True, help="00 (synthetic, offline) or 01-10 (MSD)")
+    parser.add_argument("--data", default="/data", help="folder that receives TaskNN_Name")
+    parser.add_argument("--keep", action="store_true", help="keep the downloaded archive after extraction")
+    parser.add_argument("--mirror", default=None,
+                        help="base URL to fetch archives from instead of the public location")
+    synthetic = parser.add_argument_group("synthetic task 00")
+    synthetic.add_argument("--seed", type=int, default=0, help="seed of the synthetic task")
+    synthetic.add_argument("--n_cases", type=positive_int, default=32, help="training cases")
+    synthetic.add_argument("--n_test", type=non_negative_int, default=4, help="test cases (imagesTs)")
+    synthetic.add_argument("--size", type=positive_int, default=64, help="edge of a volume in voxels (about)")
+    return parser
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluate.py
+# ---------------------------------------------------------------------------------------------
+def evaluate_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Score NIfTI predictions against labels: per-case and per-class Dice (and HD95).",
+        formatter_class=Formatter,
+    )
+    parser.add_argument("--preds", required=True, help="folder of predicted <case>.nii.gz")
+    parser.add_argument("--lbls", required=True, help="folder of label <case>.nii.gz")
+    parser.add_argument("--hd95", action="store_true", help="also the 95th-percentile Hausdorff distance in mm")
+    parser.add_argument("--output", default=None,
+                        help="path prefix for the CSV and JSON results (default: PREDS/evaluation)")
+    parser.add_argument("--dataset_json", default=None,
+                        help="dataset.json whose \"labels\" give the classes and their names "
+                             "(default: the non-zero values found in the label files)")
+    return parser
