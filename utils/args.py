@@ -71,6 +71,8 @@ def main_parser() -> argparse.ArgumentParser:
     run.add_argument("--logname", default="logs.json", help="name of the DLLogger-format log in --results")
     run.add_argument("--gpus", type=non_negative_int, default=0, help="GPUs per node (0: run on the CPU)")
     run.add_argument("--nodes", type=positive_int, default=1, help="number of machines (torchrun or SLURM)")
+    run.add_argument("--cpu_processes", type=positive_int, default=1,
+                     help="with --gpus 0: data-parallel processes on the CPU (DDP over gloo)")
     run.add_argument("--seed", type=int, default=None, help="random seed for reproducible runs")
     run.add_argument("--amp", action="store_true",
                      help="mixed precision: fp16 with a gradient scaler on CUDA, bf16 autocast on the CPU")
