@@ -32,13 +32,14 @@ from data_preprocessing.resample import (
     resampled_shape,
     separate_axis,
 )
+from utils.errors import UserError
 from utils.io import load_json, npy_is_complete, remove_stale_temporaries, save_json, save_npy
 
 CONFIG_NAME = "config.json"
 CT_SAMPLES_PER_CASE = 10_000
 
 
-class PreprocessingError(Exception):
+class PreprocessingError(UserError):
     """Bad input data: the message names the case or file and the problem."""
 
 
