@@ -17,6 +17,7 @@ import json
 import math
 import multiprocessing
 import os
+import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -48,13 +49,39 @@ class CaseFiles:
     """Source files of one case, relative to the task folder."""
 
     case_id: str
-    image: str
+    image: str | tuple[str, ...]  # one file (3D, or 4D with channels last), or one 3D file per channel
     label: str | None
 
 
 # --------------------------------------------------------------------------------------------
 # Reading and checking the raw task
 # --------------------------------------------------------------------------------------------
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
+
+
+def image_cases(folder: Path, n_channels: int) -> list[CaseFiles]:
+    """The images of a folder, as cases: `<case>.nii.gz` files (3D, or 4D with channels last), or when the
+    task has several channels and every file is named `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... one
+    file per channel (the nnU-Net v2 naming)."""
+    names = sorted(p.name for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")) and
+                   not p.name.startswith("."))
+    if not names:
+        raise PreprocessingError(f"{folder} holds no .nii.gz images")
+    matches = [CHANNEL_FILE.match(name) for name in names]
+    if n_channels > 1 and all(matches):
+        grouped: dict[str, dict[int, str]] = {}
+        for match in matches:
+            grouped.setdefault(match["case"], {})[int(match["channel"])] = match.string
+        cases = []
+        for case_id, channels in grouped.items():
+            if sorted(channels) != list(range(n_channels)):
+                raise PreprocessingError(f"{case_id}: expected channel files _0000 to _{n_channels - 1:04d} in "
+                                         f"{folder}, found {sorted(channels)}")
+            cases.append(CaseFiles(case_id, tuple(channels[c] for c in range(n_channels)), None))
+        return cases
+    return [CaseFiles(_case_id(name), name, None) for name in names]
+
+
 def find_task_dir(data: str | os.PathLike, task: str) -> Path:
     """Locate the raw task folder for `--task` ('05', 'Task05_Prostate' or a folder name)."""
     data = Path(data)
@@ -163,9 +190,29 @@ class LoadedCase:
     nifti: nib.Nifti1Image  # the source image, for its affine and header
 
 
+def read_image(task_dir: Path, case: CaseFiles) -> tuple[nib.Nifti1Image, np.ndarray]:
+    """The case's image as (X, Y, Z) or (X, Y, Z, C), stacking per-channel files on the last axis."""
+    if isinstance(case.image, str):
+        return read_nifti(task_dir / case.image, case.case_id)
+    first, volumes = None, []
+    for name in case.image:
+        nifti, data = read_nifti(task_dir / name, case.case_id)
+        if data.ndim == 4 and data.shape[3] == 1:
+            data = data[..., 0]
+        if data.ndim != 3:
+            raise PreprocessingError(f"{case.case_id}: channel file {name} has shape {data.shape}; expected 3D")
+        if first is not None and (data.shape != volumes[0].shape
+                                  or not np.allclose(nifti.affine, first.affine, atol=1e-3, rtol=1e-4)):
+            raise PreprocessingError(f"{case.case_id}: channel file {name} does not share the grid of {case.image[0]}")
+        if first is None:
+            first = nifti
+        volumes.append(data)
+    return first, np.stack(volumes, axis=-1)
+
+
 def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: Iterable[int]) -> LoadedCase:
     """Read one case and check it; raise PreprocessingError naming the case otherwise."""
-    nifti, data = read_nifti(task_dir / case.image, case.case_id)
+    nifti, data = read_image(task_dir, case)
     if data.ndim == 4 and data.shape[3] == 1 and n_channels == 1:
         data = data[..., 0]
     if data.ndim not in (3, 4):
@@ -175,7 +222,7 @@ def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: It
     channels = 1 if data.ndim == 3 else data.shape[3]
     if channels != n_channels:
         raise PreprocessingError(
-            f"{case.case_id}: image has {channels} channel(s) but dataset.json declares {n_channels} modalities")
+            f"{case.case_id}: image has {channels} channel(s) but the task declares {n_channels} modalities")
     if not np.isfinite(data).all():
         raise PreprocessingError(f"{case.case_id}: image {case.image} contains NaN or infinite voxels")
     image = np.ascontiguousarray(to_channels_first(data))
@@ -379,7 +426,7 @@ def plan_task(task_dir: Path, dataset: dict, task: str, dim: int,
 
     normalization = [channel_ct.get(c, {"type": "zscore"}) for c in range(n_channels)]
     kernels, strides = planner.kernels_strides(patch_size, spacing[-len(patch_size):])
-    return {
+    config = {
         "task": number,
         "task_name": task_dir.name,
         "dim": dim,
@@ -394,6 +441,28 @@ def plan_task(task_dir: Path, dataset: dict, task: str, dim: int,
         "kernels": kernels,
         "strides": strides,
     }
+    regions = dataset_regions(dataset, label_values)
+    if regions:
+        config["regions"] = regions
+    return config
+
+
+def dataset_regions(dataset: dict, label_values: list[int]) -> list[dict] | None:
+    """Hierarchical regions declared in dataset.json as {"name": [label values], ...}, checked against the labels."""
+    declared = dataset.get("regions")
+    if not declared:
+        return None
+    if not isinstance(declared, dict):
+        raise PreprocessingError("dataset.json 'regions' must map region names to lists of label values")
+    regions = []
+    for name, values in declared.items():
+        values = [values] if isinstance(values, int) else list(values)
+        unknown = sorted(set(values) - set(label_values))
+        if unknown or not values:
+            raise PreprocessingError(f"dataset.json region '{name}' uses label values {unknown or values} "
+                                     f"that are not declared in 'labels'")
+        regions.append({"name": name, "labels": values})
+    return regions
 
 
 # --------------------------------------------------------------------------------------------
@@ -463,14 +532,9 @@ def _case_is_done(folder: Path, case_id: str, training: bool) -> bool:
     return not training or npy_is_complete(folder / f"{case_id}_y.npy", (1, *meta["shape"]))
 
 
-def preprocess_case(task_dir: Path, case: CaseFiles, config: dict, folder: Path, training: bool) -> str:
-    """Preprocess one case and write its files (meta last, so its presence marks completion)."""
-    loaded = load_case(task_dir, case, config["in_channels"], [int(k) for k in config["labels"]])
-    image, label, geometry = preprocess_arrays(loaded, config, training)
-    save_npy(folder / f"{case.case_id}_x.npy", image)
-    if label is not None:
-        save_npy(folder / f"{case.case_id}_y.npy", label)
-    meta = {
+def case_meta(case: CaseFiles, loaded: LoadedCase, geometry: dict) -> dict:
+    """The metadata that puts a prediction back on the source image (docs/data_format.md)."""
+    return {
         "case_id": case.case_id,
         "image": case.image,
         "label": case.label,
@@ -479,7 +543,16 @@ def preprocess_case(task_dir: Path, case: CaseFiles, config: dict, folder: Path,
         "nifti_header": base64.b64encode(loaded.nifti.header.binaryblock).decode("ascii"),
         **geometry,
     }
-    save_json(folder / f"{case.case_id}_meta.json", meta)
+
+
+def preprocess_case(task_dir: Path, case: CaseFiles, config: dict, folder: Path, training: bool) -> str:
+    """Preprocess one case and write its files (meta last, so its presence marks completion)."""
+    loaded = load_case(task_dir, case, config["in_channels"], [int(k) for k in config["labels"]])
+    image, label, geometry = preprocess_arrays(loaded, config, training)
+    save_npy(folder / f"{case.case_id}_x.npy", image)
+    if label is not None:
+        save_npy(folder / f"{case.case_id}_y.npy", label)
+    save_json(folder / f"{case.case_id}_meta.json", case_meta(case, loaded, geometry))
     return case.case_id
 
 

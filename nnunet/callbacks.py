@@ -1,0 +1,129 @@
+"""Lightning callbacks: atomic checkpoints, last and best checkpoints, and the per-epoch log."""
+
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
+
+from utils.io import atomic_open, save_json
+from utils.logger import DLLogger, read_logs
+
+LAST = "last.ckpt"
+BEST = "best.ckpt"
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes a checkpoint under a temporary name and renames it, so a kill never leaves a truncated file."""
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
+                        storage_options: Any | None = None) -> None:
+        with atomic_open(path, "wb") as handle:
+            torch.save(checkpoint, handle)
+
+
+class CheckpointSaver(pl.Callback):
+    """Saves `last.ckpt` after every training epoch and `best.ckpt` when the mean Dice improved.
+
+    Runs after the epoch's validation, so both carry that epoch's metrics and early-stopping state.
+    """
+
+    def __init__(self, dirpath: str | os.PathLike) -> None:
+        self.dirpath = Path(dirpath)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        trainer.save_checkpoint(self.dirpath / LAST, weights_only=False)
+        if pl_module.best_epoch == trainer.current_epoch:
+            trainer.save_checkpoint(self.dirpath / BEST, weights_only=False)
+
+
+def format_epoch_line(epoch: int, metrics: dict[str, Any]) -> str:
+    """One readable line: epoch, per-class Dice, mean Dice, losses, best Dice and its epoch."""
+    parts = [f"epoch {epoch:4d}"]
+    if "dice" in metrics:
+        parts.append(" ".join(f"D{i + 1} {value:.4f}" for i, value in enumerate(metrics["dice"])))
+        parts.append(f"mean_dice {metrics['dice_mean']:.4f}")
+    parts.append(f"train_loss {metrics['train_loss']:.4f}")
+    if "val_loss" in metrics:
+        parts.append(f"val_loss {metrics['val_loss']:.4f}")
+    if metrics.get("best_epoch", -1) >= 0:
+        parts.append(f"best_dice {metrics['best_dice']:.4f} (epoch {metrics['best_epoch']})")
+    return " | ".join(parts)
+
+
+class EpochLogger(pl.Callback):
+    """Writes params.json, one DLLogger record and one stdout line per epoch, and learning curves at the end."""
+
+    def __init__(self, results: str | os.PathLike, logname: str, params: dict[str, Any]) -> None:
+        self.results = Path(results)
+        self.params = params
+        self.logger = DLLogger(self.results / logname)
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            save_json(self.results / "params.json", self.params)
+            self.logger.log_params(self.params)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        train_loss = pl_module.train_loss_mean()  # collective: every rank calls it
+        if not trainer.is_global_zero:
+            return
+        metrics = {"train_loss": train_loss, **pl_module.epoch_metrics,
+                   "best_dice": pl_module.best_dice, "best_epoch": pl_module.best_epoch,
+                   "learning_rate": trainer.optimizers[0].param_groups[0]["lr"]}
+        metrics.pop("cases", None)
+        line = format_epoch_line(trainer.current_epoch, metrics)
+        bar = trainer.progress_bar_callback
+        if bar is not None and hasattr(bar, "print"):
+            bar.print(line)
+        else:
+            print(line, flush=True)
+        self.logger.log(trainer.current_epoch, metrics)
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            plot_learning_curves(self.logger.path, self.results / "learning_curves.png")
+
+
+def plot_learning_curves(log_path: Path, png_path: Path) -> None:
+    """Losses and mean Dice per epoch from a DLLogger file (earlier runs of a resumed training included)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs: dict[int, dict] = {}
+    for record in read_logs(log_path):
+        if record.get("type") == "LOG" and isinstance(record.get("step"), int):
+            epochs[record["step"]] = record["data"]
+    if not epochs:
+        return
+    order = sorted(epochs)
+
+    def series(key: str) -> tuple[list[int], list[float]]:
+        pairs = [(e, epochs[e][key]) for e in order if isinstance(epochs[e].get(key), (int, float))]
+        pairs = [(e, v) for e, v in pairs if math.isfinite(v)]
+        return [e for e, _ in pairs], [v for _, v in pairs]
+
+    figure, (loss_axes, dice_axes) = plt.subplots(1, 2, figsize=(10, 4))
+    for key in ("train_loss", "val_loss"):
+        loss_axes.plot(*series(key), label=key.replace("_", " "))
+    loss_axes.set_xlabel("epoch")
+    loss_axes.set_ylabel("loss")
+    loss_axes.legend()
+    dice_axes.plot(*series("dice_mean"), marker=".", label="mean Dice")
+    dice_axes.set_xlabel("epoch")
+    dice_axes.set_ylabel("validation Dice")
+    dice_axes.set_ylim(0, 1)
+    dice_axes.legend()
+    figure.tight_layout()
+    with atomic_open(png_path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=100)
+    plt.close(figure)

@@ -1,0 +1,111 @@
+"""Predictions back on the source image: undo padding, resampling, cropping and the axis order.
+
+The inverse of `data_preprocessing.preprocessor.preprocess_arrays`, driven by a case's metadata
+(docs/data_format.md): probabilities are resampled (linearly, order 0 along a separately handled
+axis) to the crop before the argmax, so labels come from smooth class scores rather than from
+interpolating a label map, then placed in the source volume and written with its affine and header.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import os
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from data_preprocessing.resample import resample_probabilities
+from nnunet.loss import regions_to_labels
+from utils.io import atomic_open
+
+
+def unpad(volume: torch.Tensor, pad: Sequence[Sequence[int]]) -> torch.Tensor:
+    """Remove `[[before, after], ...]` from the trailing spatial axes of (K, D, H, W)."""
+    index = [slice(None)] * (volume.ndim - len(pad))
+    for (before, after), size in zip(pad, volume.shape[-len(pad):]):
+        index.append(slice(before, size - after))
+    return volume[tuple(index)]
+
+
+def to_crop_grid(probabilities: torch.Tensor, meta: dict) -> torch.Tensor:
+    """(K, *meta["shape"]) probabilities -> (K, *meta["cropped_shape"]) on the source grid inside the crop box."""
+    cropped = unpad(probabilities, meta["pad"])
+    return resample_probabilities(cropped, meta["cropped_shape"], meta["separate_z"])
+
+
+def to_labels(probabilities: torch.Tensor, regions: Sequence[Sequence[int]] | None = None) -> np.ndarray:
+    """(K, ...) softmax probabilities (argmax) or (R, ...) region probabilities (> 0.5) -> uint8 labels."""
+    if regions:
+        return regions_to_labels(probabilities[None], regions)[0, 0].cpu().numpy().astype(np.uint8)
+    return probabilities.argmax(0).to(torch.uint8).cpu().numpy()
+
+
+def place_in_source(cropped: np.ndarray, meta: dict, fill: Sequence[float] | float = 0) -> np.ndarray:
+    """Put crop-box data (d, h, w) or (K, d, h, w) into the source volume, in NIfTI order (X, Y, Z) or (K, X, Y, Z).
+
+    `fill` is the value outside the box: one number, or one per leading channel.
+    """
+    leading = cropped.shape[:-3]
+    full = np.empty((*leading, *meta["original_shape"][::-1]), dtype=cropped.dtype)
+    full[...] = np.asarray(fill, dtype=cropped.dtype).reshape(*leading, 1, 1, 1) if leading else fill
+    full[(Ellipsis, *(slice(start, stop) for start, stop in meta["crop_box"]))] = cropped
+    return np.ascontiguousarray(np.swapaxes(full, -1, -3))
+
+
+def source_header(meta: dict) -> nib.Nifti1Header:
+    return nib.Nifti1Header(binaryblock=base64.b64decode(meta["nifti_header"]))
+
+
+def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> None:
+    """Write a NIfTI file atomically (a temporary `.nii.gz` beside it, then a rename)."""
+    path = Path(path)
+    header = header.copy()
+    header.set_data_dtype(data.dtype)
+    header.set_slope_inter(1, 0)
+    image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
+    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
+    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        nib.save(image, tmp_name)
+        os.replace(tmp_name, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp_name)
+        raise
+
+
+def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch.Tensor,
+                     regions: Sequence[Sequence[int]] | None = None, save_probs: bool = False) -> Path:
+    """Write `<case>.nii.gz` (uint8 labels on the source grid), and `<case>_probs.npz` with `save_probs`.
+
+    Args:
+        folder: output folder.
+        meta: the case's metadata.
+        probabilities: (K, *meta["shape"]) float probabilities in the preprocessed grid.
+        regions: the label values of each region for sigmoid (region) outputs, None for softmax.
+        save_probs: also save the probabilities on the source grid, (K, X, Y, Z) float16, compressed.
+
+    Returns:
+        The path of the NIfTI file.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    on_crop = to_crop_grid(probabilities, meta)
+    labels = place_in_source(to_labels(on_crop, regions), meta)
+    path = folder / f"{meta['case_id']}.nii.gz"
+    save_nifti(path, labels, np.array(meta["affine"]), source_header(meta))
+    if save_probs:
+        # Outside the crop box: background for softmax outputs, no region for sigmoid ones.
+        outside = np.zeros(on_crop.shape[0])
+        if not regions:
+            outside[0] = 1
+        source = place_in_source(on_crop.cpu().numpy().astype(np.float16), meta, fill=outside)
+        with atomic_open(folder / f"{meta['case_id']}_probs.npz", "wb") as handle:
+            np.savez_compressed(handle, probabilities=source)
+    return path

@@ -1,0 +1,258 @@
+"""What `main.py` runs: training, evaluation of a checkpoint, prediction and benchmarks.
+
+The one place that picks the device: `accelerator()` decides CPU or CUDA from `--gpus` and what
+the machine has, and everything else follows from the Trainer it configures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from argparse import Namespace
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import EarlyStopping
+from tqdm import tqdm
+
+from data_loading.data_module import DataModule
+from data_preprocessing.preprocessor import case_meta, image_cases, load_case, preprocess_arrays
+from nnunet.callbacks import LAST, AtomicCheckpointIO, CheckpointSaver, EpochLogger
+from nnunet.nn_unet import PREDICTIONS, NNUnet
+from utils.errors import UserError
+
+CHECKPOINTS = "checkpoints"
+
+
+# ----------------------------------------------------------------------------------------------
+# Device and trainer
+# ----------------------------------------------------------------------------------------------
+def accelerator(args: Namespace) -> tuple[str, int]:
+    """("gpu", GPUs per node) when GPUs are requested and CUDA is present, else ("cpu", processes)."""
+    if args.gpus > 0:
+        if not torch.cuda.is_available():
+            raise UserError(f"--gpus {args.gpus} was given but no CUDA device is available; use --gpus 0 for the CPU")
+        if args.gpus > torch.cuda.device_count():
+            raise UserError(f"--gpus {args.gpus} was given but only {torch.cuda.device_count()} CUDA devices exist")
+        return "gpu", args.gpus
+    return "cpu", args.cpu_processes
+
+
+def precision(args: Namespace) -> str:
+    if not args.amp:
+        return "32-true"
+    return "16-mixed" if accelerator(args)[0] == "gpu" else "bf16-mixed"
+
+
+def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int | None = None) -> pl.Trainer:
+    kind, devices = accelerator(args)
+    distributed = devices * args.nodes > 1
+    if kind == "gpu":
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    return pl.Trainer(
+        accelerator=kind,
+        devices=devices,
+        num_nodes=args.nodes,
+        strategy="ddp" if distributed else "auto",
+        precision=precision(args),
+        max_epochs=max_epochs if max_epochs is not None else args.epochs,
+        check_val_every_n_epoch=args.eval_every,
+        num_sanity_val_steps=0,
+        gradient_clip_val=args.gradient_clip_val or None,
+        callbacks=callbacks,
+        plugins=[AtomicCheckpointIO()],
+        logger=False,
+        enable_checkpointing=False,
+        use_distributed_sampler=False,
+        default_root_dir=args.results,
+        enable_model_summary=False,
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Task and checkpoints
+# ----------------------------------------------------------------------------------------------
+def load_task_config(data: str | os.PathLike) -> dict:
+    """config.json of a preprocessed task folder (or of the task above a val/ or test/ folder)."""
+    data = Path(data)
+    for folder in (data, data.parent):
+        path = folder / "config.json"
+        if path.is_file():
+            with open(path) as handle:
+                return json.load(handle)
+    raise UserError(f"{data} has no config.json: point --data at a folder written by preprocess.py")
+
+
+def check_compatible(checkpoint_config: dict, data_config: dict, path: str) -> None:
+    """A checkpoint must have been trained for the data's channels and classes."""
+    for key, what in (("in_channels", "input channels"), ("n_class", "classes")):
+        if checkpoint_config.get(key) != data_config.get(key):
+            raise UserError(
+                f"checkpoint {path} was trained for {checkpoint_config.get(key)} {what} but the data at --data has "
+                f"{data_config.get(key)}; use a checkpoint of this task")
+
+
+def read_checkpoint(path: str | os.PathLike) -> dict:
+    """Load a checkpoint file safely (tensors and plain types only) with a clear error if it is not one."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} does not exist")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for damaged or foreign files
+        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
+        raise UserError(f"{path} is not a checkpoint written by this program (no weights or hyper-parameters)")
+    return checkpoint
+
+
+def model_from_checkpoint(path: str | os.PathLike, args: Namespace | None = None,
+                          data_config: dict | None = None) -> NNUnet:
+    """Rebuild the network a checkpoint was trained with and load its weights.
+
+    The architecture and task come from the checkpoint; run-time flags (overlap, blend, batch sizes, TTA,
+    results) come from `args` when given.
+    """
+    checkpoint = read_checkpoint(path)
+    hparams = checkpoint["hyper_parameters"]
+    config = hparams["config"]
+    if data_config is not None:
+        check_compatible(config, data_config, str(path))
+    stored = dict(hparams["args"])
+    if args is not None:
+        for key in ("overlap", "blend", "val_batch_size", "tta", "save_preds", "save_probs", "overlay", "results",
+                    "data", "exec_mode", "amp", "gpus", "num_workers", "input", "benchmark", "test_batches",
+                    "warmup", "fold", "nfolds"):
+            stored[key] = getattr(args, key)
+    model = NNUnet(stored, config)
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {path} does not fit the network it describes: {error}") from None
+    model.best_dice = float(checkpoint.get("nnunet", {}).get("best_dice", 0.0))
+    model.best_epoch = int(checkpoint.get("nnunet", {}).get("best_epoch", -1))
+    return model
+
+
+def load_weights(model: NNUnet, path: str | os.PathLike) -> None:
+    """Start training from a checkpoint's weights (same architecture), not from its optimizer state."""
+    checkpoint = read_checkpoint(path)
+    check_compatible(checkpoint["hyper_parameters"]["config"], model.config, str(path))
+    try:
+        model.load_state_dict(checkpoint["state_dict"])
+    except RuntimeError as error:
+        raise UserError(f"checkpoint {path} has another architecture than the network of these flags: "
+                        f"{str(error).splitlines()[0]}") from None
+
+
+# ----------------------------------------------------------------------------------------------
+# Modes
+# ----------------------------------------------------------------------------------------------
+def train(args: Namespace) -> NNUnet:
+    config = load_task_config(args.data)
+    results = Path(args.results)
+    results.mkdir(parents=True, exist_ok=True)
+    if args.seed is not None:
+        pl.seed_everything(args.seed, workers=True, verbose=False)
+    model = NNUnet(vars(args), config)
+    resume = None
+    if args.resume_training:
+        resume = Path(args.ckpt_path) if args.ckpt_path else results / CHECKPOINTS / LAST
+        if not resume.is_file():
+            raise UserError(f"--resume_training: no checkpoint at {resume}; train without it or pass --ckpt_path")
+        read_checkpoint(resume)  # a clear error for a damaged file before Lightning touches it
+    elif args.ckpt_path:
+        load_weights(model, args.ckpt_path)
+    callbacks: list[pl.Callback] = [
+        EpochLogger(results, args.logname, vars(args)),
+        EarlyStopping(monitor="dice_mean", mode="max", patience=args.patience, strict=False,
+                      check_on_train_epoch_end=False),
+    ]
+    if args.save_ckpt:
+        callbacks.append(CheckpointSaver(results / CHECKPOINTS))
+    trainer = build_trainer(args, callbacks)
+    trainer.fit(model, datamodule=DataModule(args), ckpt_path=str(resume) if resume else None,
+                weights_only=True if resume else None)
+    return model
+
+
+def evaluate(args: Namespace) -> dict:
+    if not args.ckpt_path:
+        raise UserError("--exec_mode evaluate needs --ckpt_path, the checkpoint to validate")
+    config = load_task_config(args.data)
+    model = model_from_checkpoint(args.ckpt_path, args, config)
+    trainer = build_trainer(args, [])
+    trainer.validate(model, datamodule=DataModule(args), verbose=False)
+    metrics = model.epoch_metrics
+    if trainer.is_global_zero:
+        print(format_dice_table(model.class_names, metrics))
+    return metrics
+
+
+def format_dice_table(names: list[str], metrics: dict) -> str:
+    rows = [f"{'class':<24} {'Dice':>8}"]
+    rows += [f"D{i + 1} {name:<21} {value:8.4f}" for i, (name, value) in enumerate(zip(names, metrics["dice"]))]
+    rows.append(f"{'mean':<24} {metrics['dice_mean']:8.4f}")
+    rows.append(f"{'validation loss':<24} {metrics['val_loss']:8.4f}  ({metrics['cases']} cases)")
+    return "\n".join(rows)
+
+
+def predict(args: Namespace) -> list[str]:
+    """Predict the preprocessed cases of --data (its test/ folder, or a val/ folder), or the raw images of --input."""
+    if not args.ckpt_path:
+        raise UserError("--exec_mode predict needs --ckpt_path, the checkpoint to predict with")
+    if args.input:
+        return predict_raw(args)
+    config = load_task_config(args.data)
+    model = model_from_checkpoint(args.ckpt_path, args, config)
+    datamodule = DataModule(args)
+    model.meta_dir = str(datamodule.case_dir)
+    trainer = build_trainer(args, [])
+    trainer.predict(model, datamodule=datamodule, return_predictions=False)
+    cases = datamodule.test_cases
+    if trainer.is_global_zero:
+        report_predictions(args, len(cases))
+    return cases
+
+
+def predict_raw(args: Namespace) -> list[str]:
+    """Preprocess each raw NIfTI image of --input as the checkpoint's task was preprocessed, predict, export."""
+    folder = Path(args.input)
+    if not folder.is_dir():
+        raise UserError(f"--input {folder} is not a folder of NIfTI images")
+    model = model_from_checkpoint(args.ckpt_path, args)
+    config = model.config
+    device = torch.device("cuda", 0) if accelerator(args)[0] == "gpu" else torch.device("cpu")
+    model.to(device).eval()
+    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
+    cases = image_cases(folder, config["in_channels"])
+    label_values = [int(k) for k in config["labels"]]
+    for case in tqdm(cases, desc="predicting", unit="case", disable=None):
+        loaded = load_case(folder, case, config["in_channels"], label_values)
+        image, _, geometry = preprocess_arrays(loaded, config, training=False)
+        tensor = torch.from_numpy(image)[None].to(device)
+        with torch.no_grad(), torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            probabilities = model.infer(tensor, tta=args.tta, activation=model.activation)[0]
+        model.export(case.case_id, tensor[0], probabilities, case_meta(case, loaded, geometry))
+    report_predictions(args, len(cases))
+    return [case.case_id for case in cases]
+
+
+def report_predictions(args: Namespace, count: int) -> None:
+    folder = Path(args.results) / PREDICTIONS
+    if args.save_preds or args.save_probs or args.overlay:
+        print(f"predicted {count} case(s) into {folder}")
+    else:
+        print(f"predicted {count} case(s); nothing written (add --save_preds to write NIfTI labels)")
+
+
+def run(args: Namespace) -> None:
+    if args.exec_mode == "train":
+        train(args)
+    elif args.exec_mode == "evaluate":
+        evaluate(args)
+    else:
+        predict(args)

@@ -1,0 +1,99 @@
+"""Sliding windows, 2D slice stacking and flip test-time augmentation."""
+
+import itertools
+
+import numpy as np
+import pytest
+import torch
+
+from nnunet.inference import flip_axes, predict_volume
+
+
+class Pointwise(torch.nn.Module):
+    """A 1x1 convolution: the same at every position, so it commutes with flips and windows."""
+
+    def __init__(self, dim: int, channels: int = 2, classes: int = 3):
+        super().__init__()
+        conv = torch.nn.Conv3d if dim == 3 else torch.nn.Conv2d
+        self.conv = conv(channels, classes, 1)
+        torch.nn.init.normal_(self.conv.weight, std=2.0)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+class Positional(Pointwise):
+    """Adds a ramp along the last axis to class 1: not flip-equivariant."""
+
+    def forward(self, x):
+        out = self.conv(x)
+        ramp = torch.linspace(-3, 3, x.shape[-1])
+        out[:, 1] = out[:, 1] + ramp
+        return out
+
+
+@pytest.mark.parametrize("overlap, blend", [(0.5, "gaussian"), (0.25, "constant"), (0.0, "gaussian")])
+def test_windows_of_a_pointwise_network_equal_the_whole_image(overlap, blend):
+    torch.manual_seed(0)
+    network = Pointwise(3)
+    volume = torch.randn(1, 2, 19, 23, 30)
+    with torch.no_grad():
+        result = predict_volume(network, volume, [8, 16, 16], overlap=overlap, blend=blend, batch_size=3)
+        expected = network(volume)
+    torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_2d_network_predicts_each_slice():
+    torch.manual_seed(0)
+    network = Positional(2)
+    volume = torch.randn(1, 2, 5, 12, 10)
+    with torch.no_grad():
+        result = predict_volume(network, volume, [12, 10], batch_size=2)
+        expected = torch.stack([network(volume[:, :, z]) for z in range(5)], dim=2)
+    torch.testing.assert_close(result, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_flip_combinations():
+    assert len(flip_axes(3)) == 8 and len(flip_axes(2)) == 4
+    assert flip_axes(2) == [(), (2,), (3,), (2, 3)]
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_tta_leaves_a_flip_equivariant_network_unchanged(dim):
+    torch.manual_seed(0)
+    network = Pointwise(dim)
+    volume = torch.randn(1, 2, 6, 8, 10)
+    patch = [6, 8, 10][-dim:]
+    with torch.no_grad():
+        plain = predict_volume(network, volume, patch, activation="softmax")
+        augmented = predict_volume(network, volume, patch, activation="softmax", tta=True)
+    torch.testing.assert_close(augmented, plain, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_tta_averages_the_flipped_predictions_of_other_networks(dim):
+    torch.manual_seed(0)
+    network = Positional(dim)
+    volume = torch.randn(1, 2, 6, 8, 10)
+    patch = [6, 8, 10][-dim:]
+    with torch.no_grad():
+        plain = predict_volume(network, volume, patch, activation="softmax")
+        augmented = predict_volume(network, volume, patch, activation="softmax", tta=True)
+    # By hand in numpy: flip the input, predict, flip back, average over every subset of spatial axes.
+    array = volume.numpy()
+    spatial = [2, 3, 4][-dim:]
+    total = np.zeros(plain.shape, np.float64)
+    subsets = [s for n in range(dim + 1) for s in itertools.combinations(spatial, n)]
+    for axes in subsets:
+        flipped = np.flip(array, axes).copy() if axes else array
+        with torch.no_grad():
+            probabilities = predict_volume(network, torch.from_numpy(flipped), patch, activation="softmax").numpy()
+        total += np.flip(probabilities, axes) if axes else probabilities
+    np.testing.assert_allclose(augmented.numpy(), total / len(subsets), atol=1e-5)
+    assert len(subsets) == 2**dim
+    assert not torch.allclose(augmented, plain, atol=1e-3)
+
+
+def test_tta_needs_an_activation():
+    with pytest.raises(ValueError):
+        predict_volume(Pointwise(3), torch.zeros(1, 2, 4, 4, 4), [4, 4, 4], tta=True)

@@ -1,0 +1,177 @@
+"""Training, resuming, early stopping and evaluation through main.py on the tiny synthetic task."""
+
+import re
+import shutil
+import subprocess
+import sys
+from argparse import Namespace
+from pathlib import Path
+
+import pytest
+import torch
+
+import main
+from nnunet.nn_unet import make_scheduler
+from tests.conftest import train_argv
+from utils.logger import read_logs
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def epoch_records(results: Path) -> list[dict]:
+    return [r for r in read_logs(results / "logs.json") if r["type"] == "LOG" and isinstance(r["step"], int)]
+
+
+def test_training_lowers_the_loss_and_raises_dice(synthetic_task, tmp_path):
+    argv = train_argv(synthetic_task.preprocessed(3), tmp_path, "--epochs", "4", "--train_batches", "20",
+                      "--learning_rate", "5e-3")
+    assert main.main(argv) == 0
+    records = epoch_records(tmp_path)
+    assert [r["step"] for r in records] == [0, 1, 2, 3]
+    losses = [r["data"]["train_loss"] for r in records]
+    assert losses[-1] < 0.8 * losses[0]
+    # An untrained network scores near 0 on the nested classes; 80 steps reach well past 0.4.
+    assert records[-1]["data"]["best_dice"] > 0.4
+    assert len(records[-1]["data"]["dice"]) == 3
+    assert (tmp_path / "params.json").is_file() and (tmp_path / "learning_curves.png").stat().st_size > 1000
+
+
+def test_the_same_seed_gives_the_same_run(synthetic_task, tmp_path):
+    runs = []
+    for name in ("a", "b"):
+        argv = train_argv(synthetic_task.preprocessed(3), tmp_path / name, "--epochs", "1", "--train_batches", "4")
+        assert main.main(argv) == 0
+        runs.append(epoch_records(tmp_path / name)[0]["data"])
+    assert runs[0]["train_loss"] == pytest.approx(runs[1]["train_loss"], rel=1e-6)
+    assert runs[0]["dice"] == pytest.approx(runs[1]["dice"], rel=1e-6)
+
+
+def test_resume_continues_at_the_next_epoch_with_the_optimizer_state(synthetic_task, trained, tmp_path):
+    results = tmp_path / "resumed"
+    shutil.copytree(trained, results)
+    first = torch.load(results / "checkpoints" / "last.ckpt", weights_only=True)
+    assert first["epoch"] == 1 and first["global_step"] == 20
+    argv = train_argv(synthetic_task.preprocessed(3), results, "--epochs", "3", "--train_batches", "10",
+                      "--learning_rate", "5e-3", "--save_ckpt", "--resume_training")
+    assert main.main(argv) == 0
+    assert [r["step"] for r in epoch_records(results)] == [0, 1, 2]
+    last = torch.load(results / "checkpoints" / "last.ckpt", weights_only=True)
+    assert last["epoch"] == 2 and last["global_step"] == 30
+    adam_steps = {float(state["step"]) for state in last["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {30.0}
+    assert last["nnunet"]["best_dice"] >= first["nnunet"]["best_dice"]
+
+
+def test_early_stopping_stops_when_dice_stops_improving(synthetic_task, tmp_path):
+    # A learning rate this small leaves the weights unchanged in float32, so Dice never improves.
+    argv = train_argv(synthetic_task.preprocessed(3), tmp_path, "--epochs", "8", "--train_batches", "2",
+                      "--optimizer", "sgd", "--learning_rate", "1e-12", "--patience", "2")
+    assert main.main(argv) == 0
+    assert len(epoch_records(tmp_path)) == 3
+
+
+def test_evaluate_prints_per_class_dice(trained, synthetic_task, capsys):
+    argv = ["--exec_mode", "evaluate", "--data", str(synthetic_task.preprocessed(3)), "--results", str(trained),
+            "--nfolds", "4", "--num_workers", "2", "--ckpt_path", str(trained / "checkpoints" / "best.ckpt")]
+    assert main.main(argv) == 0
+    table = capsys.readouterr().out
+    assert re.search(r"D1 edema\s+\d\.\d{4}", table) and "mean" in table
+    best = torch.load(trained / "checkpoints" / "best.ckpt", weights_only=True)["nnunet"]["best_dice"]
+    mean = float(re.search(r"mean\s+(\d\.\d+)", table).group(1))
+    assert mean == pytest.approx(best, abs=1e-4)
+
+
+def test_two_cpu_processes_give_the_same_validation_dice(trained, synthetic_task):
+    outputs = []
+    for processes in ("1", "2"):
+        command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "evaluate", "--data",
+                   str(synthetic_task.preprocessed(3)), "--results", str(trained), "--nfolds", "4",
+                   "--num_workers", "1", "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"),
+                   "--cpu_processes", processes]
+        result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=240)
+        assert result.returncode == 0, result.stderr[-2000:]
+        outputs.append(re.findall(r"(D\d .*|mean .*|validation loss .*)", result.stdout))
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 5
+
+
+@pytest.mark.parametrize(
+    "dim, flags",
+    [
+        (3, ["--deep_supervision", "--res_block", "--focal", "--norm", "group", "--amp", "--negative_slope", "0.1",
+             "--min_fmap", "2"]),
+        (3, ["--optimizer", "sgd", "--scheduler", "cosine", "--lr_warmup_epochs", "1", "--gradient_clip_val", "1.0",
+             "--norm", "batch", "--oversampling", "1.0", "--no_rotation"]),
+        (2, ["--deep_supervision", "--deep_supr_num", "1", "--batch_size", "8", "--nvol", "2", "--optimizer", "radam"]),
+        (3, ["--brats", "--optimizer", "adamw", "--scheduler", "plateau", "--skip_first_n_eval", "1", "--eval_every",
+             "1"]),
+    ],
+)
+def test_variants_train(synthetic_task, tmp_path, dim, flags):
+    argv = train_argv(synthetic_task.preprocessed(dim), tmp_path, "--epochs", "2", "--train_batches", "2",
+                      "--dim", str(dim), *flags)
+    assert main.main(argv) == 0
+    records = epoch_records(tmp_path)
+    assert len(records) == 2 and all(r["data"]["train_loss"] == r["data"]["train_loss"] for r in records)
+    if "--skip_first_n_eval" in flags:
+        assert "dice" not in records[0]["data"] and "dice" in records[1]["data"]
+    if "--brats" in flags:
+        assert len(records[1]["data"]["dice"]) == 3
+
+
+def test_a_network_the_patch_cannot_hold_is_a_clear_error(synthetic_task, tmp_path, capsys):
+    argv = train_argv(synthetic_task.preprocessed(3), tmp_path, "--deep_supervision", "--deep_supr_num", "3")
+    assert main.main(argv) == 1
+    assert "--deep_supr_num 3 must be between" in capsys.readouterr().err
+
+
+def test_wrong_checkpoints_are_clear_errors(trained, synthetic_task, tmp_path, capsys):
+    garbage = tmp_path / "garbage.ckpt"
+    garbage.write_bytes(b"not a checkpoint")
+    other_task = tmp_path / "other.ckpt"
+    checkpoint = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    checkpoint["hyper_parameters"]["config"]["n_class"] = 6
+    torch.save(checkpoint, other_task)
+    base = ["--exec_mode", "evaluate", "--data", str(synthetic_task.preprocessed(3)), "--results", str(tmp_path)]
+    for path, message in ((garbage, "not a readable checkpoint"), (other_task, "trained for 6 classes"),
+                          (tmp_path / "missing.ckpt", "does not exist")):
+        assert main.main([*base, "--ckpt_path", str(path)]) == 1
+        assert message in capsys.readouterr().err
+
+
+def schedule(name: str, epochs: int = 10, **options) -> list[float]:
+    args = Namespace(scheduler=name, epochs=epochs, lr_warmup_epochs=0, lr_steps=None, lr_gamma=0.1, lr_patience=1)
+    vars(args).update(options)
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = make_scheduler(optimizer, args)
+    rates = []
+    for _ in range(epochs):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step(0.5) if name == "plateau" else scheduler.step()
+    return rates
+
+
+def test_learning_rate_schedules():
+    assert make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
+                          Namespace(scheduler="none", epochs=3)) is None
+    cosine = schedule("cosine", lr_warmup_epochs=2)
+    assert cosine[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and cosine[-1] < 0.05
+    assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
+    assert schedule("poly", epochs=4) == pytest.approx([(1 - e / 4) ** 0.9 for e in range(4)])
+    assert schedule("multistep", lr_steps=[2, 5]) == pytest.approx([1, 1, 0.1, 0.1, 0.1] + [0.01] * 5)
+    plateau = schedule("plateau", lr_gamma=0.5)
+    assert plateau[0] == 1.0 and plateau[-1] < 0.1
+
+
+def test_train_script_builds_the_recommended_command():
+    sys.path.insert(0, str(ROOT / "scripts"))
+    import train as train_script
+
+    args, extra = train_script.parser().parse_known_args(["--data", "/d/01_3d", "--dim", "3", "--amp", "--epochs",
+                                                          "5"])
+    command = train_script.build_command(args, extra)
+    assert command[1].endswith("main.py") and command[-2:] == ["--epochs", "5"]
+    assert "--amp" in command and command[command.index("--batch_size") + 1] == "2"
+    args, extra = train_script.parser().parse_known_args(["--data", "/d/01_2d", "--dim", "2"])
+    command = train_script.build_command(args, extra)
+    assert command[command.index("--batch_size") + 1] == "64" and "--nvol" in command
