@@ -45,6 +45,7 @@ LABEL_SUFFIX = "_y.npy"
 CONFIG = "config.json"
 SPLITS = "splits.json"
 TEST_FOLDER = "test"
+VAL_FOLDER = "val"
 # Fixed so that a fold is the same set of cases in every run, whatever --seed.
 SPLIT_SEED = 12345
 # Seeds of different ranks lie this far apart, so their augmentations are not correlated.
@@ -217,13 +218,10 @@ class DataModule(pl.LightningDataModule):
         for case in cases:
             check_case(self.case_dir, case, in_channels, labelled)
         if self.predicting:
-            self.train_cases, self.val_cases, self.test_cases = [], [], cases
+            self.train_cases, self.val_cases = [], []
+            self.test_cases = self.fold_cases(cases) if self.case_dir.name == VAL_FOLDER else cases
         else:
-            splits = self.task_dir / SPLITS
-            if splits.is_file():
-                self.train_cases, self.val_cases = read_splits(splits, cases, args.fold)
-            else:
-                self.train_cases, self.val_cases = split_cases(cases, args.nfolds, args.fold)
+            self.train_cases, self.val_cases = self.split(cases)
             self.test_cases = []
 
         self.dim = args.dim or int(self.config.get("dim", len(self.config["patch_size"])))
@@ -238,6 +236,23 @@ class DataModule(pl.LightningDataModule):
         self.rank, self.world_size, self.local_rank = 0, 1, 0
         self.device: Device = select_device(args.gpus, 0)
         self._loaders: dict[str, DaliLoader] = {}
+
+    def split(self, cases: list[str]) -> tuple[list[str], list[str]]:
+        """Training and validation cases of --fold: from splits.json when the task has one, else K-fold."""
+        splits = self.task_dir / SPLITS
+        if splits.is_file():
+            return read_splits(splits, cases, self.args.fold)
+        return split_cases(cases, self.args.nfolds, self.args.fold)
+
+    def fold_cases(self, cases: list[str]) -> list[str]:
+        """Of the cases in a val/ folder, those in the validation split of --fold (all of them when the
+        task folder holds no training cases to split)."""
+        try:
+            training = find_cases(self.task_dir, labelled=True)
+        except UserError:
+            return cases
+        validation = set(self.split(training)[1])
+        return [case for case in cases if case in validation]
 
     # -----------------------------------------------------------------------------------------
     # Process placement and shards

@@ -251,6 +251,7 @@ def evaluate_folder(
     labels_dir: str | os.PathLike,
     hd95: bool = False,
     class_names: Mapping[int, str] | None = None,
+    predicted_only: bool = False,
 ) -> dict[str, Any]:
     """Per-case and per-class Dice (and HD95) of a folder of predictions.
 
@@ -261,6 +262,8 @@ def evaluate_folder(
         class_names: {label value: name} of the dataset (background 0 may be included). The classes are
             then its non-zero values and any other value in a file is an error. Default: the classes are
             the non-zero values found in the label files, named by their value.
+        predicted_only: score only the labels that have a prediction (e.g. one validation fold of a
+            labelsTr folder) instead of requiring a prediction for every label.
 
     Returns:
         A JSON-ready dict (keys of classes are strings of the label values)::
@@ -282,6 +285,10 @@ def evaluate_folder(
     labels = find_cases(labels_dir, "label")
     if not labels:
         raise EvaluationError(f"no cases to evaluate: label folder {labels_dir} holds no .nii.gz or .nii files")
+    if predicted_only:
+        labels = {case_id: path for case_id, path in labels.items() if case_id in preds}
+        if not labels:
+            raise EvaluationError(f"none of the predictions in {preds_dir} has a label in {labels_dir}")
     missing = [case_id for case_id in labels if case_id not in preds]
     if missing:
         raise EvaluationError(f"no prediction in {preds_dir} for {_cases(missing)} of {labels_dir}")
@@ -410,7 +417,8 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
         The results of `evaluate_folder`.
     """
     class_names = read_dataset_labels(args.dataset_json) if args.dataset_json else None
-    results = evaluate_folder(args.preds, args.lbls, hd95=args.hd95, class_names=class_names)
+    results = evaluate_folder(args.preds, args.lbls, hd95=args.hd95, class_names=class_names,
+                              predicted_only=args.predicted_only)
     prefix = args.output if args.output else os.path.join(args.preds, "evaluation")
     csv_path, json_path = write_results(results, prefix)
     print(format_table(results))

@@ -236,4 +236,6 @@ def evaluate_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dataset_json", default=None,
                         help="dataset.json whose \"labels\" give the classes and their names "
                              "(default: the non-zero values found in the label files)")
+    parser.add_argument("--predicted_only", action="store_true",
+                        help="score only the labels that have a prediction, e.g. one validation fold of labelsTr")
     return parser

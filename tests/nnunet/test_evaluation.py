@@ -287,3 +287,16 @@ def test_evaluate_folder_refuses_background_only_labels_and_duplicate_cases(tmp_
     save(tmp_path / "preds" / "case_a.nii", empty)
     with pytest.raises(EvaluationError, match="case_a twice"):
         evaluate_folder(tmp_path / "preds", tmp_path / "labels")
+
+
+def test_predicted_only_scores_the_cases_that_have_a_prediction(task):
+    preds, labels, _ = task
+    (preds / "case_c.nii.gz").unlink()
+    with pytest.raises(EvaluationError, match="no prediction"):
+        evaluate_folder(preds, labels)
+    results = evaluate_folder(preds, labels, predicted_only=True)
+    assert [case["case_id"] for case in results["cases"]] == ["case_a", "case_b"]
+    for path in preds.glob("*.nii.gz"):
+        path.unlink()
+    with pytest.raises(EvaluationError, match="none of the predictions"):
+        evaluate_folder(preds, labels, predicted_only=True)

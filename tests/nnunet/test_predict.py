@@ -90,3 +90,20 @@ def test_predicting_with_the_checkpoint_of_another_task_is_refused(trained, synt
     (data / "config.json").write_text(config)
     assert main.main(predict_argv(trained, tmp_path / "out", "--data", str(data), "--save_preds")) == 1
     assert "trained for 2 input channels but the data at --data has 3" in capsys.readouterr().err
+
+
+def test_a_val_folder_is_narrowed_to_the_fold(trained, synthetic_task, tmp_path):
+    from data_preprocessing.preprocessor import preprocess_task
+
+    data = tmp_path / "data"
+    shutil.copytree(synthetic_task.data, data)
+    preprocess_task(synthetic_task.raw, data, "00", dim=3, exec_mode="val")
+    assert len(list((data / "00_3d" / "val").glob("*_x.npy"))) == 8
+    argv = predict_argv(trained, tmp_path / "out", "--data", str(data / "00_3d" / "val"), "--fold", "1",
+                        "--nfolds", "4", "--save_preds")
+    assert main.main(argv) == 0
+    predicted = sorted(p.name[:-7] for p in (tmp_path / "out" / "predictions").glob("*.nii.gz"))
+    from data_loading.data_module import split_cases
+
+    training = sorted(p.name[:-6] for p in (data / "00_3d").glob("*_x.npy"))
+    assert predicted == sorted(split_cases(training, 4, 1)[1]) and len(predicted) == 2
