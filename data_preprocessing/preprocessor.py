@@ -1,4 +1,8 @@
-"""Raw MSD task -> cropped, resampled, normalised NumPy volumes with per-case metadata.
+"""Raw task -> cropped, resampled, normalised NumPy volumes with per-case metadata.
+
+The raw task may be in any layout of `data_preprocessing.layouts` (MSD, nnU-Net v2, KiTS19, 2D
+images); its plan is planned here from the data, taken from `configs` (MSD tasks, KiTS19), or
+given as a file and checked by `data_preprocessing.plans`.
 
 Data flow per case (arrays are (C, D, H, W), see docs/data_format.md):
 read NIfTI and check it -> crop to the non-zero region of the image -> resample to the target
@@ -17,7 +21,6 @@ import json
 import math
 import multiprocessing
 import os
-import re
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,135 +29,19 @@ import nibabel as nib
 import numpy as np
 from tqdm import tqdm
 
-from data_preprocessing import configs, planner
+from data_preprocessing import configs, layouts, planner, plans
+from data_preprocessing.layouts import CaseFiles, PreprocessingError, RawTask
+from data_preprocessing.layouts import image_cases as image_cases  # re-exported: predicting raw images uses it
 from data_preprocessing.resample import (
     resample_image,
     resample_label,
     resampled_shape,
     separate_axis,
 )
-from utils.errors import UserError
-from utils.io import load_json, npy_is_complete, remove_stale_temporaries, save_json, save_npy
+from utils.io import check_writable, load_json, npy_is_complete, remove_stale_temporaries, save_json, save_npy
 
 CONFIG_NAME = "config.json"
 CT_SAMPLES_PER_CASE = 10_000
-
-
-class PreprocessingError(UserError):
-    """Bad input data: the message names the case or file and the problem."""
-
-
-@dataclass(frozen=True)
-class CaseFiles:
-    """Source files of one case, relative to the task folder."""
-
-    case_id: str
-    image: str | tuple[str, ...]  # one file (3D, or 4D with channels last), or one 3D file per channel
-    label: str | None
-
-
-# --------------------------------------------------------------------------------------------
-# Reading and checking the raw task
-# --------------------------------------------------------------------------------------------
-CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
-
-
-def image_cases(folder: Path, n_channels: int) -> list[CaseFiles]:
-    """The images of a folder, as cases: `<case>.nii.gz` files (3D, or 4D with channels last), or when the
-    task has several channels and every file is named `<case>_0000.nii.gz`, `<case>_0001.nii.gz`, ... one
-    file per channel (the nnU-Net v2 naming)."""
-    names = sorted(p.name for p in folder.iterdir() if p.name.endswith((".nii.gz", ".nii")) and
-                   not p.name.startswith("."))
-    if not names:
-        raise PreprocessingError(f"{folder} holds no .nii.gz images")
-    matches = [CHANNEL_FILE.match(name) for name in names]
-    if n_channels > 1 and all(matches):
-        grouped: dict[str, dict[int, str]] = {}
-        for match in matches:
-            grouped.setdefault(match["case"], {})[int(match["channel"])] = match.string
-        cases = []
-        for case_id, channels in grouped.items():
-            if sorted(channels) != list(range(n_channels)):
-                raise PreprocessingError(f"{case_id}: expected channel files _0000 to _{n_channels - 1:04d} in "
-                                         f"{folder}, found {sorted(channels)}")
-            cases.append(CaseFiles(case_id, tuple(channels[c] for c in range(n_channels)), None))
-        return cases
-    return [CaseFiles(_case_id(name), name, None) for name in names]
-
-
-def find_task_dir(data: str | os.PathLike, task: str) -> Path:
-    """Locate the raw task folder for `--task` ('05', 'Task05_Prostate' or a folder name)."""
-    data = Path(data)
-    if (data / task / "dataset.json").is_file() or (data / task).is_dir():
-        return data / task
-    number = configs.task_number(task)
-    matches = sorted(p for p in data.glob(f"Task{number}_*") if p.is_dir()) if number.isdigit() else []
-    if len(matches) == 1:
-        return matches[0]
-    if not matches:
-        raise PreprocessingError(f"no folder Task{number}_* for task '{task}' in {data}; download it or pass --data")
-    raise PreprocessingError(f"several folders match task '{task}' in {data}: {', '.join(p.name for p in matches)}")
-
-
-def load_dataset_json(task_dir: Path) -> dict:
-    """Read and check dataset.json (MSD v1)."""
-    path = task_dir / "dataset.json"
-    if not path.is_file():
-        raise PreprocessingError(f"{path} is missing: an MSD task folder needs a dataset.json")
-    try:
-        dataset = load_json(path)
-    except (json.JSONDecodeError, UnicodeDecodeError) as error:
-        raise PreprocessingError(f"{path} is not valid JSON ({error})") from None
-    if not isinstance(dataset, dict):
-        raise PreprocessingError(f"{path} must hold a JSON object")
-    for key in ("modality", "labels", "training"):
-        if key not in dataset:
-            raise PreprocessingError(f"{path} has no '{key}' entry")
-    if not isinstance(dataset["modality"], dict) or not dataset["modality"]:
-        raise PreprocessingError(f"{path}: 'modality' must map channel numbers to names, e.g. {{\"0\": \"CT\"}}")
-    try:
-        labels = {int(k): v for k, v in dataset["labels"].items()}
-    except (AttributeError, ValueError):
-        raise PreprocessingError(
-            f"{path}: 'labels' must map label values to names, e.g. {{\"0\": \"background\"}}") from None
-    if 0 not in labels:
-        raise PreprocessingError(f"{path}: 'labels' must declare the background value 0")
-    if not isinstance(dataset["training"], list):
-        raise PreprocessingError(f"{path}: 'training' must be a list of {{image, label}} entries")
-    return dataset
-
-
-def _case_id(image_path: str) -> str:
-    name = Path(image_path).name
-    for suffix in (".nii.gz", ".nii"):
-        if name.endswith(suffix):
-            return name[: -len(suffix)]
-    return name
-
-
-def _relative(path: str) -> str:
-    return path[2:] if path.startswith("./") else path
-
-
-def list_cases(dataset: dict, exec_mode: str) -> list[CaseFiles]:
-    """The cases preprocessed in `exec_mode` (training: images with labels; val: training images
-    without labels; test: the test images)."""
-    cases = []
-    if exec_mode == "test":
-        for entry in dataset.get("test", []):
-            image = entry["image"] if isinstance(entry, dict) else entry
-            cases.append(CaseFiles(_case_id(image), _relative(image), None))
-        return cases
-    for index, entry in enumerate(dataset["training"]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise PreprocessingError(f"dataset.json: training entry {index} needs 'image' and 'label'")
-        label = _relative(entry["label"]) if exec_mode == "training" else None
-        cases.append(CaseFiles(_case_id(entry["image"]), _relative(entry["image"]), label))
-    ids = [case.case_id for case in cases]
-    duplicates = sorted({case_id for case_id in ids if ids.count(case_id) > 1})
-    if duplicates:
-        raise PreprocessingError(f"dataset.json lists these cases more than once: {', '.join(duplicates)}")
-    return cases
 
 
 def read_nifti(path: Path, case_id: str, label: bool = False) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -169,17 +56,20 @@ def read_nifti(path: Path, case_id: str, label: bool = False) -> tuple[nib.Nifti
     return nifti, data
 
 
-def to_channels_first(data: np.ndarray) -> np.ndarray:
-    """NIfTI (X, Y, Z) or (X, Y, Z, C) -> (C, D, H, W) = (C, Z, Y, X)."""
+def to_channels_first(data: np.ndarray, array_order: str = "xyz") -> np.ndarray:
+    """NIfTI (X, Y, Z) or (X, Y, Z, C) -> (C, D, H, W) = (C, Z, Y, X); files stored slice-first ("zyx",
+    KiTS19) keep their spatial order."""
+    if array_order == "zyx":
+        return data[None] if data.ndim == 3 else data.transpose(3, 0, 1, 2)
     if data.ndim == 3:
         return data.transpose(2, 1, 0)[None]
     return data.transpose(3, 2, 1, 0)
 
 
-def spacing_dhw(image: nib.Nifti1Image) -> list[float]:
-    """Header zooms (sx, sy, sz) -> (D, H, W) spacing in mm."""
-    sx, sy, sz = (float(z) for z in image.header.get_zooms()[:3])
-    return [sz, sy, sx]
+def spacing_dhw(image: nib.Nifti1Image, array_order: str = "xyz") -> list[float]:
+    """Header zooms, in the array's axis order, -> (D, H, W) spacing in mm."""
+    zooms = [float(z) for z in image.header.get_zooms()[:3]]
+    return zooms if array_order == "zyx" else zooms[::-1]
 
 
 @dataclass
@@ -225,7 +115,7 @@ def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: It
             f"{case.case_id}: image has {channels} channel(s) but the task declares {n_channels} modalities")
     if not np.isfinite(data).all():
         raise PreprocessingError(f"{case.case_id}: image {case.image} contains NaN or infinite voxels")
-    image = np.ascontiguousarray(to_channels_first(data))
+    image = np.ascontiguousarray(to_channels_first(data, case.array_order))
     label = None
     if case.label is not None:
         label_nifti, label_data = read_nifti(task_dir / case.label, case.case_id, label=True)
@@ -239,16 +129,19 @@ def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: It
                 f"{case.case_id}: image shape {data.shape[:3]} does not match label shape {label_data.shape}")
         if not np.allclose(nifti.affine, label_nifti.affine, atol=1e-3, rtol=1e-4):
             raise PreprocessingError(f"{case.case_id}: image and label affines differ; they must share one grid")
-        label_float = np.asarray(label_data, dtype=np.float64)
-        if not np.isfinite(label_float).all() or (label_float != np.round(label_float)).any():
+        # Checked on the distinct values: a float64 copy of a large label map (8 bytes a voxel, twice for the
+        # rounding) was the largest allocation of preprocessing.
+        values = np.unique(label_data)
+        if not np.isfinite(values).all() or (values != np.round(values)).any():
             raise PreprocessingError(f"{case.case_id}: label {case.label} has non-integer values")
-        values = np.unique(label_float).astype(np.int64)
+        values = values.astype(np.int64)
         unknown = sorted(set(values.tolist()) - set(label_values))
         if unknown:
             raise PreprocessingError(
                 f"{case.case_id}: label values {unknown} are not declared in dataset.json 'labels'")
-        label = np.ascontiguousarray(label_float.astype(np.uint8).transpose(2, 1, 0))
-    return LoadedCase(image, label, spacing_dhw(nifti), nifti)
+        label = to_channels_first(np.asarray(label_data).astype(np.uint8), case.array_order)[0]
+        label = np.ascontiguousarray(label)
+    return LoadedCase(image, label, spacing_dhw(nifti, case.array_order), nifti)
 
 
 # --------------------------------------------------------------------------------------------
@@ -280,7 +173,8 @@ def normalise(image: np.ndarray, body: np.ndarray, normalization: Sequence[dict]
 
     CT channels: clip to the dataset's foreground percentiles, then z-score with its foreground
     mean and std. Other channels: z-score over the body (the voxels of `body`, (D, H, W) bool);
-    voxels outside the body are set to 0.
+    voxels outside the body are set to 0. A z-score scheme with `"nonzero": false` (2D images,
+    whose black pixels are part of the picture) uses every voxel instead.
     """
     for channel, scheme in enumerate(normalization):
         values = image[channel]
@@ -289,11 +183,43 @@ def normalise(image: np.ndarray, body: np.ndarray, normalization: Sequence[dict]
             values -= scheme["mean"]
             values /= max(scheme["std"], 1e-8)
         else:
-            inside = values[body] if body.any() else values.ravel()
+            masked = scheme.get("nonzero", True) and body.any()
+            inside = values[body] if masked else values.ravel()
             mean, std = float(inside.mean()), float(inside.std())
             values -= mean
             values /= max(std, 1e-8)
-            values[~body] = 0
+            if masked:
+                values[~body] = 0
+    return image
+
+
+# Intensities beyond the body's 0.5-99.5 percentile range, widened by its own width on each side, are clipped
+# before resampling and normalisation; percentiles are estimated from at most this many voxels.
+OUTLIER_PERCENTILES = (0.5, 99.5)
+OUTLIER_SAMPLES = 1_000_000
+
+
+def clip_outliers(image: np.ndarray, body: np.ndarray) -> np.ndarray:
+    """Clip absurd intensities of each channel of a (C, D, H, W) image in place.
+
+    The fence is the 0.5-99.5 percentile range of the body's voxels (`body`, (D, H, W) bool; all
+    voxels if it is empty) widened by the range's width on each side. Ordinary intensities, bright
+    lesions included, lie inside it and are unchanged; a few corrupt voxels (1e6, 1e30) are pulled
+    to it, so they can neither overflow the resampling nor dominate a z-score's mean and std.
+    """
+    mask = body.ravel() if body.any() else np.ones(body.size, bool)
+    # A strided sample, coprime with a row, without copying the volume.
+    step = max(1, int(mask.sum()) // OUTLIER_SAMPLES)
+    while math.gcd(step, image.shape[-1]) != 1:
+        step += 1
+    for channel in range(image.shape[0]):
+        values = image[channel]
+        sample = values.ravel()[::step][mask[::step]]
+        if sample.size == 0:
+            continue
+        low, high = np.percentile(sample.astype(np.float64), OUTLIER_PERCENTILES)
+        width = high - low
+        np.clip(values, low - width, high + width, out=values)
     return image
 
 
@@ -324,6 +250,7 @@ def preprocess_arrays(loaded: LoadedCase, config: dict, training: bool) -> tuple
     image = np.ascontiguousarray(crop(loaded.image, box))
     label = np.ascontiguousarray(crop(loaded.label, box)) if loaded.label is not None else None
     body = (image != 0).any(axis=0)
+    clip_outliers(image, body)
     target = case_target_spacing(config, loaded.spacing)
     new_shape = resampled_shape(image.shape[1:], loaded.spacing, target)
     separate_z = separate_axis(loaded.spacing, target)
@@ -338,9 +265,11 @@ def preprocess_arrays(loaded: LoadedCase, config: dict, training: bool) -> tuple
         patch = list(config["patch_size"])
         minimum = patch if len(patch) == 3 else [1, *patch]
         padding = pad_to(new_shape, minimum)
-        image = np.pad(image, [[0, 0], *padding])
+        # "edge" (KiTS19, as the MLPerf reference) repeats the border; the default pads zeros.
+        mode = config.get("pad_mode", "constant")
+        image = np.pad(image, [[0, 0], *padding], mode=mode)
         if label is not None:
-            label = np.pad(label, padding)
+            label = np.pad(label, padding, mode=mode)
     geometry = {
         "original_spacing": loaded.spacing,
         "crop_box": box,
@@ -380,39 +309,44 @@ def _fingerprint_case(task_dir: Path, case: CaseFiles, n_channels: int, label_va
 
 
 def ct_statistics(samples: np.ndarray) -> dict:
-    """Clip range (0.5 / 99.5 percentiles), mean and std of foreground CT intensities."""
+    """Clip range (0.5 / 99.5 percentiles), mean and std of foreground CT intensities within that range."""
     if samples.size == 0:
         raise PreprocessingError("no foreground voxels in the training labels to compute CT statistics from")
     low, high = np.percentile(samples, [0.5, 99.5])
+    # Of the clipped values, in float64: a few absurd voxels (1e30) would otherwise make them huge or infinite.
+    clipped = np.clip(samples.astype(np.float64), low, high)
     return {"type": "ct", "clip_low": float(low), "clip_high": float(high),
-            "mean": float(samples.mean()), "std": float(samples.std())}
+            "mean": float(clipped.mean()), "std": float(clipped.std())}
 
 
-def plan_task(task_dir: Path, dataset: dict, task: str, dim: int,
-              pool: concurrent.futures.Executor | None = None) -> dict:
-    """The task's config: known MSD values where there are some, else planned from the data."""
-    number = configs.task_number(task)
-    modalities = {str(k): v for k, v in dataset["modality"].items()}
-    n_channels = len(modalities)
-    labels = {str(k): v for k, v in sorted(dataset["labels"].items(), key=lambda item: int(item[0]))}
-    label_values = [int(k) for k in labels]
-    ct_channels = [int(k) for k, name in modalities.items() if is_ct(name)]
+def plan_task(raw: RawTask, dim: int, pool: concurrent.futures.Executor | None = None) -> dict:
+    """The task's config: the fixed recipe (KiTS19) or the published MSD values where there are some, else
+    planned from the data (target spacing, patch size, CT statistics); checked and completed by `plans`."""
+    number = raw.key
+    n_channels = len(raw.modalities)
+    label_values = [int(k) for k in raw.labels]
+    ct_channels = [int(k) for k, name in raw.modalities.items() if is_ct(name)]
     patch_key = f"{number}_{dim}d"
+    plan: dict = {}
 
-    if number in configs.SPACINGS and patch_key in configs.PATCH_SIZES:
+    if raw.recipe is not None:
+        plan = dict(raw.recipe)
+        spacing, patch_size, normalization = plan.pop("spacing"), plan.pop("patch_size"), plan.pop("normalization")
+    elif raw.layout == "msd" and number in configs.SPACINGS and patch_key in configs.PATCH_SIZES:
         spacing = list(configs.SPACINGS[number])
         patch_size = list(configs.PATCH_SIZES[patch_key])
         ct_stats = configs.CT_STATS.get(number)
         if ct_channels and ct_stats is None:
             raise PreprocessingError(f"task {number} has a CT channel but no CT statistics in configs.py")
         channel_ct = {c: {"type": "ct", **ct_stats} for c in ct_channels} if ct_channels else {}
+        normalization = [channel_ct.get(c, {"type": "zscore"}) for c in range(n_channels)]
     else:
-        cases = list_cases(dataset, "training")
-        if not cases:
-            raise PreprocessingError(f"{task_dir}/dataset.json lists no training cases to plan from")
+        if not raw.training:
+            raise PreprocessingError(f"{raw.root} has no training cases to plan from")
         fingerprints = run_parallel(
             _fingerprint_case,
-            [(task_dir, case, n_channels, label_values, ct_channels, index) for index, case in enumerate(cases)],
+            [(raw.root, case, n_channels, label_values, ct_channels, index)
+             for index, case in enumerate(raw.training)],
             pool, "planning")
         spacings = np.array([f["spacing"] for f in fingerprints])
         spacing = planner.target_spacing(spacings)
@@ -423,46 +357,12 @@ def plan_task(task_dir: Path, dataset: dict, task: str, dim: int,
         else:
             patch_size = planner.plan_patch_size(median_shape[1:], spacing[1:])
         channel_ct = {c: ct_statistics(np.concatenate([f["samples"][c] for f in fingerprints])) for c in ct_channels}
+        zscore = {"type": "zscore"} if raw.zscore_nonzero else {"type": "zscore", "nonzero": False}
+        normalization = [channel_ct.get(c, zscore) for c in range(n_channels)]
 
-    normalization = [channel_ct.get(c, {"type": "zscore"}) for c in range(n_channels)]
-    kernels, strides = planner.kernels_strides(patch_size, spacing[-len(patch_size):])
-    config = {
-        "task": number,
-        "task_name": task_dir.name,
-        "dim": dim,
-        "modalities": modalities,
-        "in_channels": n_channels,
-        "labels": labels,
-        "n_class": len(labels),
-        "spacing": spacing,
-        "patch_size": patch_size,
-        "normalization": normalization,
-        "batch_size": planner.suggest_batch_size(patch_size),
-        "kernels": kernels,
-        "strides": strides,
-    }
-    regions = dataset_regions(dataset, label_values)
-    if regions:
-        config["regions"] = regions
-    return config
-
-
-def dataset_regions(dataset: dict, label_values: list[int]) -> list[dict] | None:
-    """Hierarchical regions declared in dataset.json as {"name": [label values], ...}, checked against the labels."""
-    declared = dataset.get("regions")
-    if not declared:
-        return None
-    if not isinstance(declared, dict):
-        raise PreprocessingError("dataset.json 'regions' must map region names to lists of label values")
-    regions = []
-    for name, values in declared.items():
-        values = [values] if isinstance(values, int) else list(values)
-        unknown = sorted(set(values) - set(label_values))
-        if unknown or not values:
-            raise PreprocessingError(f"dataset.json region '{name}' uses label values {unknown or values} "
-                                     f"that are not declared in 'labels'")
-        regions.append({"name": name, "labels": values})
-    return regions
+    plan.update(dim=dim, spacing=spacing, patch_size=patch_size, normalization=normalization,
+                in_channels=n_channels, n_class=len(raw.labels))
+    return plans.check_plan(plan, raw, dim, f"the plan of {raw.name}")
 
 
 # --------------------------------------------------------------------------------------------
@@ -515,11 +415,13 @@ def run_parallel(function, argument_tuples: list[tuple], pool: concurrent.future
         return results
 
 
-def output_dir(results: str | os.PathLike, task: str, dim: int) -> Path:
-    return Path(results) / f"{configs.task_number(task)}_{dim}d"
+def output_dir(results: str | os.PathLike, key: str, dim: int) -> Path:
+    """`RESULTS/<key>_<dim>d`, the key being the task's (`RawTask.key`: "05", "005", "kits19", a folder name)."""
+    return Path(results) / f"{key}_{dim}d"
 
 
-def _case_is_done(folder: Path, case_id: str, training: bool) -> bool:
+def _case_is_done(folder: Path, case_id: str, training: bool, digest: str) -> bool:
+    """Whether a case's files are complete and were made with the plan of `digest`."""
     meta_path = folder / f"{case_id}_meta.json"
     if not meta_path.is_file():
         return False
@@ -527,9 +429,24 @@ def _case_is_done(folder: Path, case_id: str, training: bool) -> bool:
         meta = load_json(meta_path)
     except (json.JSONDecodeError, OSError):
         return False
-    if not npy_is_complete(folder / f"{case_id}_x.npy"):
+    if meta.get("plan_digest") != digest or not npy_is_complete(folder / f"{case_id}_x.npy"):
         return False
     return not training or npy_is_complete(folder / f"{case_id}_y.npy", (1, *meta["shape"]))
+
+
+def remove_stale_cases(folder: Path, keep: Iterable[str]) -> int:
+    """Delete the files of preprocessed cases that the task no longer has (e.g. excluded by a recipe), so that
+    training does not pick them up. Returns how many cases were removed."""
+    keep = set(keep)
+    removed = 0
+    for meta_path in folder.glob("*_meta.json"):
+        case_id = meta_path.name[: -len("_meta.json")]
+        if case_id in keep or meta_path.name.startswith("."):
+            continue
+        for suffix in ("_x.npy", "_y.npy", "_meta.json"):
+            (folder / f"{case_id}{suffix}").unlink(missing_ok=True)
+        removed += 1
+    return removed
 
 
 def case_meta(case: CaseFiles, loaded: LoadedCase, geometry: dict) -> dict:
@@ -539,6 +456,7 @@ def case_meta(case: CaseFiles, loaded: LoadedCase, geometry: dict) -> dict:
         "image": case.image,
         "label": case.label,
         "original_shape": [int(n) for n in loaded.nifti.shape[:3]],
+        "array_order": case.array_order,
         "affine": loaded.nifti.affine.tolist(),
         "nifti_header": base64.b64encode(loaded.nifti.header.binaryblock).decode("ascii"),
         **geometry,
@@ -552,7 +470,11 @@ def preprocess_case(task_dir: Path, case: CaseFiles, config: dict, folder: Path,
     save_npy(folder / f"{case.case_id}_x.npy", image)
     if label is not None:
         save_npy(folder / f"{case.case_id}_y.npy", label)
-    save_json(folder / f"{case.case_id}_meta.json", case_meta(case, loaded, geometry))
+    meta = case_meta(case, loaded, geometry)
+    meta["plan_digest"] = plans.plan_digest(config)
+    if config.get("png_masks"):
+        meta["png_masks"] = config["png_masks"]
+    save_json(folder / f"{case.case_id}_meta.json", meta)
     return case.case_id
 
 
@@ -562,37 +484,114 @@ class PreprocessSummary:
     written: int
     skipped: int
     config: dict
+    removed: int = 0
+    splits: Path | None = None  # the fixed validation split written for the task (KiTS19)
 
 
-def preprocess_task(data: str | os.PathLike, results: str | os.PathLike, task: str, dim: int = 3,
-                    exec_mode: str = "training", n_jobs: int = 1, overwrite: bool = False) -> PreprocessSummary:
-    """Preprocess every case of a task for `exec_mode`; see the module docstring."""
-    task_dir = find_task_dir(data, task)
-    dataset = load_dataset_json(task_dir)
-    root = output_dir(results, task, dim)
+def _read_config(path: Path) -> dict:
+    try:
+        return load_json(path)
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PreprocessingError(f"{path} is not valid JSON ({error}); fix it, or pass --overwrite to plan the "
+                                 f"task again") from None
+
+
+def resolve_dim(dim: int | None, plan: dict | None, plan_path: str | os.PathLike | None) -> int | None:
+    """The requested dimension: --dim, else the plan's; they must agree when both are given."""
+    plan_dim = plan.get("dim") if plan is not None and plan.get("dim") in (2, 3) else None
+    if dim is not None and plan_dim is not None and dim != plan_dim:
+        raise PreprocessingError(f"plan {plan_path} is for {plan_dim}D but --dim {dim} was given")
+    return dim if dim is not None else plan_dim
+
+
+def write_fixed_split(root: Path, raw: RawTask) -> Path | None:
+    """`splits.json` with the task's fixed validation cases (those present) and every other case training.
+
+    Returns the file, or None (and no file) when the preprocessed cases include no validation case or no other.
+    """
+    path = root / "splits.json"
+    present = sorted(case.case_id for case in raw.training)
+    val = [case for case in raw.evaluation_cases or [] if case in set(present)]
+    train = [case for case in present if case not in set(val)]
+    if not val or not train:
+        path.unlink(missing_ok=True)
+        return None
+    save_json(path, [{"train": train, "val": val}])
+    return path
+
+
+def preprocess_task(data: str | os.PathLike, results: str | os.PathLike, task: str, dim: int | None = None,
+                    exec_mode: str = "training", n_jobs: int = 1, overwrite: bool = False,
+                    plan: str | os.PathLike | None = None,
+                    kits_recipe: str = configs.KITS19_DEFAULT_RECIPE) -> PreprocessSummary:
+    """Preprocess every case of a task for `exec_mode`; see the module docstring.
+
+    Args:
+        data: the folder holding the raw task (any layout of `data_preprocessing.layouts`).
+        results: output root; the task goes to `RESULTS/<key>_<dim>d`.
+        task: `--task`: a number, a folder name or "kits19".
+        dim: 2 or 3; None: the plan's, else 2 for 2D images and 3 otherwise.
+        exec_mode: "training" (images and labels), "val" (training images) or "test".
+        n_jobs: cases preprocessed in parallel.
+        overwrite: re-plan (unless `plan` is given) and redo every case.
+        plan: a plan file (a config.json, possibly edited) to use instead of planning.
+        kits_recipe: KiTS19 only: the MLPerf rules to follow (configs.KITS19_RECIPES).
+
+    Cases already preprocessed with the same plan are skipped; cases made with another plan are redone, and
+    cases the task no longer has are removed from the output folder.
+    """
+    plan_config = plans.read_plan(plan) if plan is not None else None
+    dim = resolve_dim(dim, plan_config, plan)
+    raw = layouts.open_task(data, task, results, dim, kits_recipe=kits_recipe, overwrite=overwrite)
+    root = output_dir(results, raw.key, raw.dim)
     config_path = root / CONFIG_NAME
     training = exec_mode == "training"
-    cases = list_cases(dataset, exec_mode)
+    cases = raw.cases(exec_mode)
     if not cases:
-        raise PreprocessingError(f"{task_dir}/dataset.json lists no cases for --exec_mode {exec_mode}")
+        raise PreprocessingError(f"{raw.root} has no cases for --exec_mode {exec_mode}")
     folder = root if training else root / exec_mode
+    check_writable(folder)  # before planning, which reads every case
     with worker_pool(n_jobs) as pool:
-        if config_path.is_file() and not overwrite:
-            config = load_json(config_path)
+        reuse = config_path.is_file() and plan_config is None and not overwrite and raw.recipe is None
+        previous = _read_config(config_path) if reuse else None
+        if plan_config is not None:
+            config = plans.check_plan(plan_config, raw, raw.dim, f"plan {plan}")
+        elif previous is not None:
+            # The task's plan as written by an earlier run, possibly edited by hand since.
+            config = plans.check_plan(previous, raw, raw.dim, str(config_path))
         else:
-            config = plan_task(task_dir, dataset, task, dim, pool)
+            config = plan_task(raw, raw.dim, pool)
+        if not training and config_path.is_file():
+            written = previous if previous is not None else _read_config(config_path)
+            if raw.recipe is not None and written.get("recipe") not in (None, raw.recipe["recipe"]):
+                raise PreprocessingError(f"{config_path} was made with --kits_recipe {written['recipe']}; pass it "
+                                         f"again, or preprocess the training cases with the new recipe first")
+            if plans.plan_digest(written) != plans.plan_digest(config):
+                # The training cases were made with the plan in config.json: changing it here would leave them stale.
+                raise PreprocessingError(f"{config_path} holds another plan than the one given for --exec_mode "
+                                         f"{exec_mode}; preprocess the training cases with it first "
+                                         f"(--exec_mode training)")
+        if previous != config:
             save_json(config_path, config)
         folder.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(folder)
-        todo = [case for case in cases if overwrite or not _case_is_done(folder, case.case_id, training)]
-        run_parallel(preprocess_case, [(task_dir, case, config, folder, training) for case in todo], pool,
-                     f"preprocessing {task_dir.name}")
-    return PreprocessSummary(folder, len(todo), len(cases) - len(todo), config)
+        removed = remove_stale_cases(folder, [case.case_id for case in cases])
+        digest = plans.plan_digest(config)
+        todo = [case for case in cases if overwrite or not _case_is_done(folder, case.case_id, training, digest)]
+        run_parallel(preprocess_case, [(raw.root, case, config, folder, training) for case in todo], pool,
+                     f"preprocessing {raw.name}")
+    splits = write_fixed_split(root, raw) if training and raw.evaluation_cases is not None else None
+    return PreprocessSummary(folder, len(todo), len(cases) - len(todo), config, removed, splits)
 
 
 def describe(summary: PreprocessSummary) -> str:
     config = summary.config
     voxels = math.prod(config["patch_size"])
-    return (f"{summary.folder}: {summary.written} case(s) written, {summary.skipped} already done; "
+    text = (f"{summary.folder}: {summary.written} case(s) written, {summary.skipped} already done; "
             f"{config['dim']}D, {config['in_channels']} channel(s), {config['n_class']} classes, "
             f"spacing {config['spacing']} mm, patch {config['patch_size']} ({voxels} voxels)")
+    if summary.removed:
+        text += f"; removed {summary.removed} case(s) the task no longer has"
+    if summary.splits is not None:
+        text += f"; fixed validation split in {summary.splits}"
+    return text

@@ -125,7 +125,7 @@ def resample_label(label: np.ndarray, new_shape: Sequence[int], classes: Sequenc
     for value in classes:
         score = _resample((source == value).float(), new_shape, orders)
         better = score > best
-        best = torch.where(better, score, best)
+        torch.maximum(best, score, out=best)  # in place: one volume less at the peak than torch.where
         result[better] = value
     return result.numpy()
 

@@ -266,7 +266,8 @@ def test_missing_task_and_cli_exit_code(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "preprocess.py"), "--task", "09", "--data", str(tmp_path)],
                             capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: no folder Task09_* for task '09' in {tmp_path}; download it or pass --data"
+    assert result.stderr.strip() == (f"error: no folder Task09_* or Dataset009_* for task '09' in {tmp_path}; "
+                                     f"download it or pass --data")
 
 
 def test_unknown_labels_error_is_raised_in_the_api(isotropic_task, tmp_path):

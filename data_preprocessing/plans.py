@@ -1,0 +1,169 @@
+"""The plan of a task (its `config.json`): checking a planned or hand-edited plan against the dataset.
+
+A plan fixes how every case is preprocessed (target spacing, patch size, normalisation, padding)
+and what the network is built for (channels, classes, kernels and strides). `preprocess.py --plan
+FILE` takes a plan instead of planning from the data; a `config.json` edited in place is read the
+same way on the next run. Either is checked here before any case is written, and completed:
+`kernels`, `strides` (and `batch_size` when missing) follow from the patch size and the spacing,
+`task`, `task_name` and the dataset's own facts come from the dataset.
+
+Each preprocessed case records the digest of the plan values that shaped its arrays, so a case
+made under another plan is preprocessed again rather than skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+from numbers import Real
+from pathlib import Path
+
+from data_preprocessing import planner
+from data_preprocessing.layouts import PreprocessingError, RawTask, read_json_object
+
+REQUIRED_KEYS = ("dim", "spacing", "patch_size", "normalization", "in_channels", "n_class")
+OPTIONAL_KEYS = ("task", "task_name", "modalities", "labels", "batch_size", "kernels", "strides", "regions",
+                 "pad_mode", "png_masks", "recipe")
+# The plan values that decide a preprocessed case's arrays.
+PREPROCESSING_KEYS = ("dim", "spacing", "patch_size", "normalization", "labels", "in_channels", "pad_mode")
+PAD_MODES = ("constant", "edge")
+CT_KEYS = ("clip_low", "clip_high", "mean", "std")
+
+
+def read_plan(path: str | os.PathLike) -> dict:
+    """Read a plan file (JSON object), with a one-line error if it is missing or not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        raise PreprocessingError(f"plan {path} does not exist")
+    return read_json_object(path)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def _normalization(schemes, n_channels: int, where: str) -> list[dict]:
+    if not isinstance(schemes, list) or len(schemes) != n_channels:
+        raise PreprocessingError(f"{where}: 'normalization' must be a list with one entry per channel "
+                                 f"({n_channels}), got {schemes!r}")
+    for channel, scheme in enumerate(schemes):
+        kind = scheme.get("type") if isinstance(scheme, dict) else None
+        if kind == "ct":
+            if not all(_is_number(scheme.get(key)) for key in CT_KEYS):
+                raise PreprocessingError(f"{where}: CT normalisation of channel {channel} needs numbers "
+                                         f"{', '.join(CT_KEYS)}, got {scheme!r}")
+            if scheme["clip_low"] > scheme["clip_high"] or scheme["std"] <= 0:
+                raise PreprocessingError(f"{where}: CT normalisation of channel {channel} needs clip_low <= "
+                                         f"clip_high and std > 0, got {scheme!r}")
+        elif kind == "zscore":
+            if not isinstance(scheme.get("nonzero", True), bool):
+                raise PreprocessingError(f"{where}: 'nonzero' of channel {channel} must be true or false")
+        else:
+            raise PreprocessingError(f"{where}: normalisation of channel {channel} must be {{\"type\": \"ct\", ...}} "
+                                     f"or {{\"type\": \"zscore\"}}, got {scheme!r}")
+    return schemes
+
+
+def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
+    """Check a plan against the dataset and complete it into the task's config.
+
+    Args:
+        plan: the plan (a config.json's content, possibly edited by hand).
+        raw: the dataset it is for.
+        dim: the dimension being preprocessed.
+        where: the plan's file, for messages.
+
+    Returns:
+        The config: the plan's values with `task`, `task_name`, `modalities`, `labels`, `regions`, `kernels`,
+        `strides` and `batch_size` filled in (see docs/data_format.md).
+
+    Raises:
+        PreprocessingError: one line naming the plan and the problem: a missing or unknown key, a value of the
+            wrong type or length for `dim`, or channels or classes that differ from the dataset's.
+    """
+    missing = [key for key in REQUIRED_KEYS if key not in plan]
+    if missing:
+        raise PreprocessingError(f"{where}: the plan has no {', '.join(repr(k) for k in missing)}")
+    unknown = sorted(set(plan) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    if unknown:
+        raise PreprocessingError(f"{where}: unknown plan key(s) {', '.join(repr(k) for k in unknown)}")
+    if plan["dim"] != dim:
+        raise PreprocessingError(f"{where}: the plan is for {plan['dim']}D but {dim}D is being preprocessed; "
+                                 f"pass --dim {plan['dim']} or edit 'dim'")
+    spacing, patch = plan["spacing"], plan["patch_size"]
+    if not isinstance(spacing, list) or len(spacing) != 3 or not all(_is_number(s) and s > 0 for s in spacing):
+        raise PreprocessingError(f"{where}: 'spacing' must be 3 positive numbers (D, H, W) in mm, got {spacing!r}")
+    if not isinstance(patch, list) or len(patch) != dim or not all(_is_count(p) for p in patch):
+        raise PreprocessingError(f"{where}: 'patch_size' must be a list of {dim} positive integers for a {dim}D "
+                                 f"plan, got {patch!r}")
+    n_channels, n_class = len(raw.modalities), len(raw.labels)
+    if plan["in_channels"] != n_channels:
+        raise PreprocessingError(f"{where}: 'in_channels' is {plan['in_channels']} but the dataset has "
+                                 f"{n_channels} channel(s)")
+    if plan["n_class"] != n_class:
+        raise PreprocessingError(f"{where}: 'n_class' is {plan['n_class']} but the dataset has {n_class} classes "
+                                 f"(background included)")
+    labels = plan.get("labels", raw.labels)
+    if not isinstance(labels, dict) or sorted(labels, key=str) != sorted(raw.labels, key=str):
+        raise PreprocessingError(f"{where}: 'labels' must name the dataset's label values "
+                                 f"{', '.join(raw.labels)}, got {labels!r}")
+    modalities = plan.get("modalities", raw.modalities)
+    if not isinstance(modalities, dict) or len(modalities) != n_channels:
+        raise PreprocessingError(f"{where}: 'modalities' must name the dataset's {n_channels} channel(s), "
+                                 f"got {modalities!r}")
+    normalization = _normalization(plan["normalization"], n_channels, where)
+    pad_mode = plan.get("pad_mode", "constant")
+    if pad_mode not in PAD_MODES:
+        raise PreprocessingError(f"{where}: 'pad_mode' must be one of {', '.join(PAD_MODES)}, got {pad_mode!r}")
+    batch_size = plan.get("batch_size", planner.suggest_batch_size(patch))
+    if not _is_count(batch_size):
+        raise PreprocessingError(f"{where}: 'batch_size' must be a positive integer, got {batch_size!r}")
+    regions = plan["regions"] if "regions" in plan else raw.regions
+    if regions is not None:
+        valid = isinstance(regions, list) and all(
+            isinstance(r, dict) and isinstance(r.get("name"), str) and isinstance(r.get("labels"), list)
+            and r["labels"] and set(r["labels"]) <= {int(k) for k in raw.labels} - {0} for r in regions)
+        if not valid:
+            raise PreprocessingError(f"{where}: 'regions' must be a list of {{\"name\", \"labels\": [foreground "
+                                     f"label values]}}, got {regions!r}")
+    kernels, strides = planner.kernels_strides(patch, spacing[-dim:])
+    if len(strides) < 2:
+        raise PreprocessingError(f"{where}: 'patch_size' {patch} is too small for a U-Net: no axis can be halved "
+                                 f"(an axis needs an even size of at least 8 voxels)")
+    config = {
+        "task": raw.key,
+        "task_name": raw.name,
+        "dim": dim,
+        "modalities": {str(k): str(v) for k, v in modalities.items()},
+        "in_channels": n_channels,
+        "labels": {str(k): str(labels[k]) for k in sorted(labels, key=int)},
+        "n_class": n_class,
+        "spacing": [float(s) for s in spacing],
+        "patch_size": list(patch),
+        "normalization": normalization,
+        "batch_size": batch_size,
+        "kernels": kernels,
+        "strides": strides,
+    }
+    if regions:
+        config["regions"] = regions
+    if pad_mode != "constant":
+        config["pad_mode"] = pad_mode
+    if raw.png_masks:
+        config["png_masks"] = raw.png_masks
+    if "recipe" in plan:
+        config["recipe"] = plan["recipe"]
+    return config
+
+
+def plan_digest(config: dict) -> str:
+    """A short digest of the plan values that decide a case's arrays (PREPROCESSING_KEYS)."""
+    values = {key: config.get(key) for key in PREPROCESSING_KEYS}
+    values["labels"] = sorted(values["labels"] or {}, key=int)  # the values matter, not the class names
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
