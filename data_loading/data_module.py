@@ -39,6 +39,7 @@ from data_loading.dali_loader import (
     volume_pipeline,
 )
 from utils.errors import UserError
+from utils.io import npy_problem, read_npy_header
 
 IMAGE_SUFFIX = "_x.npy"
 LABEL_SUFFIX = "_y.npy"
@@ -50,6 +51,8 @@ VAL_FOLDER = "val"
 SPLIT_SEED = 12345
 # Seeds of different ranks lie this far apart, so their augmentations are not correlated.
 RANK_SEED_STRIDE = 7919
+# ... and the seeds of the epochs a training can be resumed at, this far from those of the ranks.
+RESUME_SEED_STRIDE = 104729
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,12 +99,14 @@ def find_cases(folder: Path, labelled: bool) -> list[str]:
 def check_case(folder: Path, case: str, in_channels: int | None, labelled: bool) -> None:
     """Shapes and types from the .npy headers: image (C, D, H, W) float32, label (1, D, H, W) uint8."""
     image_path = folder / (case + IMAGE_SUFFIX)
-    try:
-        image = np.load(image_path, mmap_mode="r")
-        label = np.load(folder / (case + LABEL_SUFFIX), mmap_mode="r") if labelled else None
-    except (OSError, ValueError) as error:
-        raise UserError(f"{case}: cannot read its arrays in {folder} ({error}); re-run preprocess.py") from None
-    if image.ndim != 4 or image.dtype != np.float32:
+    # Headers and file sizes only: a file cut short or damaged is named here rather than failing inside DALI.
+    for path in (image_path, folder / (case + LABEL_SUFFIX)) if labelled else (image_path,):
+        problem = npy_problem(path)
+        if problem:
+            raise UserError(f"{case}: {path} {problem}; re-run preprocess.py")
+    image = read_npy_header(image_path)
+    label = read_npy_header(folder / (case + LABEL_SUFFIX)) if labelled else None
+    if len(image.shape) != 4 or image.dtype != np.float32:
         raise UserError(f"{case}: image {image_path.name} is {image.dtype} {image.shape}, expected float32 "
                         f"(C, D, H, W); re-run preprocess.py")
     if in_channels is not None and image.shape[0] != in_channels:
@@ -230,7 +235,7 @@ class DataModule(pl.LightningDataModule):
             raise UserError(f"{self.task_dir / CONFIG} plans a 2D patch {patch}; a 3D network needs data "
                             f"preprocessed with --dim 3")
         self.patch_size = patch[-self.dim:]
-        if self.dim == 2 and args.batch_size % args.nvol:
+        if self.dim == 2 and args.exec_mode == "train" and args.batch_size % args.nvol:
             raise UserError(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
         self.seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
         self.rank, self.world_size, self.local_rank = 0, 1, 0
@@ -339,12 +344,16 @@ class DataModule(pl.LightningDataModule):
     def _training_loader(self) -> DaliLoader:
         volumes, crop_shape = self._volumes_per_step()
         cases = self.train_shard
+        options = self._pipeline_options(volumes)
+        # A run resumed at epoch e draws from a stream of its own rather than replaying epoch 0's patches
+        # (DALI's random state is not in the checkpoint); a run from scratch (e = 0) is unchanged.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        options["seed"] = (options["seed"] + RESUME_SEED_STRIDE * epoch) % 2**31
         pipeline = training_pipeline(
             image_files=self._files(cases, IMAGE_SUFFIX), label_files=self._files(cases, LABEL_SUFFIX),
             crop_shape=crop_shape, oversampling=self.args.oversampling,
             augment=Augmentations(rotation=not self.args.no_rotation), device=self.device,
-            shuffle_seed=self._pipeline_options(volumes)["seed"], planar=self.dim == 2,
-            **self._pipeline_options(volumes))
+            shuffle_seed=options["seed"], planar=self.dim == 2, **options)
         length = training_length(len(self.train_cases), volumes, self.world_size, self.args.train_batches)
         return DaliLoader(pipeline, ["image", "label"], length, slabs=self.dim == 2)
 

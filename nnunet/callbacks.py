@@ -19,7 +19,11 @@ BEST = "best.ckpt"
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint under a temporary name and renames it, so a kill never leaves a truncated file."""
+    """Writes a checkpoint under a temporary name, fsyncs it and renames it into place (`utils.io.atomic_open`).
+
+    A kill or a crash never leaves a truncated checkpoint under the real name; a failed write (no space left)
+    raises `WriteError`, one line naming the file, and leaves neither the file nor its temporary.
+    """
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
                         storage_options: Any | None = None) -> None:
@@ -92,6 +96,24 @@ class EpochLogger(pl.Callback):
             plot_learning_curves(self.logger.path, self.results / "learning_curves.png")
 
 
+def epoch_history(log_path: str | os.PathLike) -> dict[int, dict]:
+    """The metrics of each epoch in a DLLogger file of one training, across its resumed runs, by epoch.
+
+    A run killed after logging an epoch but before saving its checkpoint logs that epoch again when it is
+    resumed, and a run resumed from an older checkpoint logs its epochs again from there. So a record of epoch
+    `e` replaces every record of epoch `e` or later written before it: what remains is the history that led to
+    the latest record.
+    """
+    epochs: dict[int, dict] = {}
+    for record in read_logs(log_path):
+        if record.get("type") == "LOG" and isinstance(record.get("step"), int):
+            epoch = record["step"]
+            for later in [e for e in epochs if e >= epoch]:
+                del epochs[later]
+            epochs[epoch] = record["data"]
+    return epochs
+
+
 def plot_learning_curves(log_path: Path, png_path: Path) -> None:
     """Losses and mean Dice per epoch from a DLLogger file (earlier runs of a resumed training included)."""
     import matplotlib
@@ -99,10 +121,7 @@ def plot_learning_curves(log_path: Path, png_path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    epochs: dict[int, dict] = {}
-    for record in read_logs(log_path):
-        if record.get("type") == "LOG" and isinstance(record.get("step"), int):
-            epochs[record["step"]] = record["data"]
+    epochs = epoch_history(log_path)
     if not epochs:
         return
     order = sorted(epochs)

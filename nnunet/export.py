@@ -19,9 +19,10 @@ import nibabel as nib
 import numpy as np
 import torch
 
+from data_preprocessing.images2d import write_mask_png
 from data_preprocessing.resample import resample_probabilities
 from nnunet.loss import regions_to_labels
-from utils.io import atomic_open
+from utils.io import FILE_MODE, WriteError, atomic_open
 
 
 def unpad(volume: torch.Tensor, pad: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -48,13 +49,16 @@ def to_labels(probabilities: torch.Tensor, regions: Sequence[Sequence[int]] | No
 def place_in_source(cropped: np.ndarray, meta: dict, fill: Sequence[float] | float = 0) -> np.ndarray:
     """Put crop-box data (d, h, w) or (K, d, h, w) into the source volume, in NIfTI order (X, Y, Z) or (K, X, Y, Z).
 
-    `fill` is the value outside the box: one number, or one per leading channel.
+    `fill` is the value outside the box: one number, or one per leading channel. Sources stored slice-first
+    (`meta["array_order"] == "zyx"`, KiTS19) get the (D, H, W) order they were read in.
     """
+    slice_first = meta.get("array_order", "xyz") == "zyx"
     leading = cropped.shape[:-3]
-    full = np.empty((*leading, *meta["original_shape"][::-1]), dtype=cropped.dtype)
+    spatial = meta["original_shape"] if slice_first else meta["original_shape"][::-1]
+    full = np.empty((*leading, *spatial), dtype=cropped.dtype)
     full[...] = np.asarray(fill, dtype=cropped.dtype).reshape(*leading, 1, 1, 1) if leading else fill
     full[(Ellipsis, *(slice(start, stop) for start, stop in meta["crop_box"]))] = cropped
-    return np.ascontiguousarray(np.swapaxes(full, -1, -3))
+    return np.ascontiguousarray(full if slice_first else np.swapaxes(full, -1, -3))
 
 
 def source_header(meta: dict) -> nib.Nifti1Header:
@@ -73,16 +77,22 @@ def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, he
     os.close(fd)
     try:
         nib.save(image, tmp_name)
+        os.chmod(tmp_name, FILE_MODE)
         os.replace(tmp_name, path)
-    except BaseException:
+    except BaseException as error:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp_name)
+        if isinstance(error, OSError):  # e.g. no space left: one line naming the file
+            raise WriteError(path, error) from error
         raise
 
 
 def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch.Tensor,
                      regions: Sequence[Sequence[int]] | None = None, save_probs: bool = False) -> Path:
     """Write `<case>.nii.gz` (uint8 labels on the source grid), and `<case>_probs.npz` with `save_probs`.
+
+    For tasks converted from 2D images (`meta["png_masks"]`), `<case>.png` too: the mask as the source masks
+    store it (labels times the masks' scale, e.g. 0/255).
 
     Args:
         folder: output folder.
@@ -100,6 +110,8 @@ def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch
     labels = place_in_source(to_labels(on_crop, regions), meta)
     path = folder / f"{meta['case_id']}.nii.gz"
     save_nifti(path, labels, np.array(meta["affine"]), source_header(meta))
+    if meta.get("png_masks"):  # a task converted from 2D PNG/TIFF masks: also a mask in that form
+        write_mask_png(folder / f"{meta['case_id']}.png", labels, meta["png_masks"]["scale"])
     if save_probs:
         # Outside the crop box: background for softmax outputs, no region for sigmoid ones.
         outside = np.zeros(on_crop.shape[0])

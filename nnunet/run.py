@@ -20,7 +20,9 @@ from data_loading.data_module import DataModule
 from data_preprocessing.preprocessor import case_meta, image_cases, load_case, preprocess_arrays
 from nnunet.callbacks import LAST, AtomicCheckpointIO, CheckpointSaver, EpochLogger
 from nnunet.nn_unet import PREDICTIONS, NNUnet
+from nnunet.preemption import PreemptionCheckpoint, StopPredictionOnSigterm
 from utils.errors import UserError
+from utils.io import check_writable, remove_stale_temporaries
 
 CHECKPOINTS = "checkpoints"
 
@@ -45,7 +47,9 @@ def precision(args: Namespace) -> str:
     return "16-mixed" if accelerator(args)[0] == "gpu" else "bf16-mixed"
 
 
-def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int | None = None) -> pl.Trainer:
+def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int | None = None,
+                  **options) -> pl.Trainer:
+    """The Trainer for the device of `accelerator`; `options` are further pl.Trainer arguments."""
     kind, devices = accelerator(args)
     distributed = devices * args.nodes > 1
     if kind == "gpu":
@@ -69,6 +73,7 @@ def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int
         use_distributed_sampler=False,
         default_root_dir=args.results,
         enable_model_summary=False,
+        **options,
     )
 
 
@@ -95,6 +100,19 @@ def check_compatible(checkpoint_config: dict, data_config: dict, path: str) -> N
                 f"{data_config.get(key)}; use a checkpoint of this task")
 
 
+def check_same_geometry(checkpoint_config: dict, data_config: dict, path: str) -> None:
+    """Evaluating or predicting needs data resampled as the checkpoint's training data was: the same grid in mm."""
+    if checkpoint_config.get("dim") != data_config.get("dim"):
+        raise UserError(f"checkpoint {path} was trained on data preprocessed for {checkpoint_config.get('dim')}D but "
+                        f"the data at --data was preprocessed for {data_config.get('dim')}D; preprocess it with "
+                        f"--dim {checkpoint_config.get('dim')}")
+    trained, given = checkpoint_config.get("spacing"), data_config.get("spacing")
+    if trained is None or given is None or len(trained) != len(given) or \
+            any(abs(a - b) > 1e-3 * max(abs(a), abs(b), 1e-6) for a, b in zip(trained, given)):
+        raise UserError(f"checkpoint {path} was trained on data resampled to {trained} mm but the data at --data is "
+                        f"resampled to {given} mm; preprocess it with the checkpoint's task plan")
+
+
 def read_checkpoint(path: str | os.PathLike) -> dict:
     """Load a checkpoint file safely (tensors and plain types only) with a clear error if it is not one."""
     path = Path(path)
@@ -106,6 +124,10 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint written by this program (no weights or hyper-parameters)")
+    hparams = checkpoint["hyper_parameters"]
+    if not isinstance(hparams, dict) or not isinstance(hparams.get("config"), dict) or \
+            not isinstance(hparams.get("args"), dict) or not isinstance(checkpoint["state_dict"], dict):
+        raise UserError(f"{path} is not a checkpoint written by this program (no task plan or arguments)")
     return checkpoint
 
 
@@ -121,17 +143,22 @@ def model_from_checkpoint(path: str | os.PathLike, args: Namespace | None = None
     config = hparams["config"]
     if data_config is not None:
         check_compatible(config, data_config, str(path))
+        check_same_geometry(config, data_config, str(path))
     stored = dict(hparams["args"])
     if args is not None:
         for key in ("overlap", "blend", "val_batch_size", "tta", "save_preds", "save_probs", "overlay", "results",
                     "data", "exec_mode", "amp", "gpus", "num_workers", "input", "benchmark", "test_batches",
                     "warmup", "fold", "nfolds"):
             stored[key] = getattr(args, key)
-    model = NNUnet(stored, config)
     try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise UserError(f"checkpoint {path} does not fit the network it describes: {error}") from None
+        model = NNUnet(stored, config)
+    except (KeyError, AttributeError, TypeError) as error:  # a plan or arguments missing entries this version needs
+        raise UserError(f"checkpoint {path} lacks a setting this program needs ({type(error).__name__}: {error}); "
+                        f"it was written by another version or program") from None
+    mismatch = state_dict_mismatch(model, checkpoint["state_dict"])
+    if mismatch:
+        raise UserError(f"checkpoint {path} does not fit the network it describes ({mismatch})")
+    model.load_state_dict(checkpoint["state_dict"])
     model.best_dice = float(checkpoint.get("nnunet", {}).get("best_dice", 0.0))
     model.best_epoch = int(checkpoint.get("nnunet", {}).get("best_epoch", -1))
     return model
@@ -141,11 +168,32 @@ def load_weights(model: NNUnet, path: str | os.PathLike) -> None:
     """Start training from a checkpoint's weights (same architecture), not from its optimizer state."""
     checkpoint = read_checkpoint(path)
     check_compatible(checkpoint["hyper_parameters"]["config"], model.config, str(path))
-    try:
-        model.load_state_dict(checkpoint["state_dict"])
-    except RuntimeError as error:
-        raise UserError(f"checkpoint {path} has another architecture than the network of these flags: "
-                        f"{str(error).splitlines()[0]}") from None
+    mismatch = state_dict_mismatch(model, checkpoint["state_dict"])
+    if mismatch:
+        raise UserError(f"checkpoint {path} has another architecture than the network of these flags ({mismatch})")
+    model.load_state_dict(checkpoint["state_dict"])
+
+
+def state_dict_mismatch(model: NNUnet, state_dict: dict) -> str | None:
+    """The first tensor whose name or shape differs between the network and a checkpoint's weights, or None."""
+    expected = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+    stored = {name: tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+              for name, tensor in state_dict.items()}
+    for name in sorted(expected.keys() | stored.keys()):
+        if expected.get(name) != stored.get(name):
+            return (f"{name}: {stored.get(name, 'missing')} in the checkpoint, "
+                    f"{expected.get(name, 'absent')} in the network")
+    return None
+
+
+def check_fits(model: NNUnet, checkpoint: dict, path: str | os.PathLike) -> None:
+    """A checkpoint to resume from must be of this task and hold exactly the tensors of this network."""
+    check_compatible(checkpoint["hyper_parameters"]["config"], model.config, str(path))
+    check_same_geometry(checkpoint["hyper_parameters"]["config"], model.config, str(path))
+    mismatch = state_dict_mismatch(model, checkpoint["state_dict"])
+    if mismatch:
+        raise UserError(f"checkpoint {path} has another architecture than the network of these flags ({mismatch}); "
+                        f"resume with the flags it was trained with")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -154,16 +202,20 @@ def load_weights(model: NNUnet, path: str | os.PathLike) -> None:
 def train(args: Namespace) -> NNUnet:
     config = load_task_config(args.data)
     results = Path(args.results)
-    results.mkdir(parents=True, exist_ok=True)
+    checkpoints = results / CHECKPOINTS
+    # Before any work: a results folder that cannot be written would otherwise fail after the first epoch.
+    check_writable(checkpoints)
+    remove_stale_temporaries(checkpoints)  # left by a run killed while writing a checkpoint
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True, verbose=False)
     model = NNUnet(vars(args), config)
     resume = None
     if args.resume_training:
-        resume = Path(args.ckpt_path) if args.ckpt_path else results / CHECKPOINTS / LAST
+        resume = Path(args.ckpt_path) if args.ckpt_path else checkpoints / LAST
         if not resume.is_file():
             raise UserError(f"--resume_training: no checkpoint at {resume}; train without it or pass --ckpt_path")
-        read_checkpoint(resume)  # a clear error for a damaged file before Lightning touches it
+        # Clear errors for a damaged file or another task or network before Lightning loads it.
+        check_fits(model, read_checkpoint(resume), resume)
     elif args.ckpt_path:
         load_weights(model, args.ckpt_path)
     callbacks: list[pl.Callback] = [
@@ -172,7 +224,9 @@ def train(args: Namespace) -> NNUnet:
                       check_on_train_epoch_end=False),
     ]
     if args.save_ckpt:
-        callbacks.append(CheckpointSaver(results / CHECKPOINTS))
+        callbacks.append(CheckpointSaver(checkpoints))
+    # Last: an epoch that ends is logged and saved before a pending stop.
+    callbacks.append(PreemptionCheckpoint(checkpoints, refresh_at_end=not args.save_ckpt))
     trainer = build_trainer(args, callbacks)
     trainer.fit(model, datamodule=DataModule(args), ckpt_path=str(resume) if resume else None,
                 weights_only=True if resume else None)
@@ -204,13 +258,15 @@ def predict(args: Namespace) -> list[str]:
     """Predict the preprocessed cases of --data (its test/ folder, or a val/ folder), or the raw images of --input."""
     if not args.ckpt_path:
         raise UserError("--exec_mode predict needs --ckpt_path, the checkpoint to predict with")
+    if args.save_preds or args.save_probs or args.overlay:
+        check_writable(Path(args.results) / PREDICTIONS)  # before any case is predicted
     if args.input:
         return predict_raw(args)
     config = load_task_config(args.data)
     model = model_from_checkpoint(args.ckpt_path, args, config)
     datamodule = DataModule(args)
     model.meta_dir = str(datamodule.case_dir)
-    trainer = build_trainer(args, [])
+    trainer = build_trainer(args, [StopPredictionOnSigterm()])
     trainer.predict(model, datamodule=datamodule, return_predictions=False)
     cases = datamodule.test_cases
     if trainer.is_global_zero:
@@ -250,7 +306,12 @@ def report_predictions(args: Namespace, count: int) -> None:
 
 
 def run(args: Namespace) -> None:
-    if args.exec_mode == "train":
+    if args.benchmark:
+        # Imported here: the benchmark module builds on this one's trainer and checkpoint helpers.
+        from nnunet.benchmark import benchmark
+
+        benchmark(args)
+    elif args.exec_mode == "train":
         train(args)
     elif args.exec_mode == "evaluate":
         evaluate(args)

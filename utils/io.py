@@ -1,40 +1,109 @@
-"""Small file helpers: atomic writes and checked reads.
+"""Small file helpers: atomic writes, a writability check and checked reads of .npy files.
 
 Every output of the pipeline is written under a temporary name in its final folder and renamed
 into place, so a file that exists under its real name is complete, whatever killed the writer.
+The data is fsynced before the rename and the folder after it, so the rename survives a crash
+of the machine too. A write that fails (disk full, read-only folder) raises `WriteError`, a
+`UserError` naming the file, and leaves neither the file nor its temporary behind.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from utils.errors import UserError
+
 TMP_SUFFIX = ".tmp"
+
+
+def _file_mode() -> int:
+    # mkstemp creates files readable by their owner only; outputs get the usual mode (0o666 less the umask).
+    # Read once at import, while no other thread can be changing the umask in between.
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
+FILE_MODE = _file_mode()
+
+
+class WriteError(UserError):
+    """An output could not be written (no space, no permission, read-only file system)."""
+
+    def __init__(self, path: str | os.PathLike, error: OSError) -> None:
+        self.path = Path(path)
+        self.errno = error.errno
+        super().__init__(f"cannot write {path}: {error.strerror or error}")
+
+
+def fsync_folder(folder: str | os.PathLike) -> None:
+    """Make a rename or a new file in `folder` durable (POSIX; a no-op where folders cannot be opened)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some file systems refuse fsync on a folder; the data itself was synced
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]:
-    """Open a temporary file next to `path`; on success flush, fsync and rename it to `path`."""
+    """Open a temporary file next to `path`; on success flush, fsync and rename it to `path`.
+
+    Raises:
+        WriteError: the folder or the file could not be written; nothing is left behind.
+    """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+    tmp_name = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=TMP_SUFFIX, dir=path.parent)
+        if hasattr(os, "fchmod"):
+            os.fchmod(fd, FILE_MODE)
         with os.fdopen(fd, mode) as handle:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        raise
+        tmp_name = None
+        fsync_folder(path.parent)
+    except OSError as error:
+        raise WriteError(path, error) from error
+    finally:
+        if tmp_name is not None:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp_name)
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create `folder` if needed and check that files can be created in it, before any long work starts.
+
+    Raises:
+        WriteError: naming the folder, e.g. on a read-only file system or without permission.
+    """
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".write_check.", suffix=TMP_SUFFIX, dir=folder)
+        os.close(fd)
+        with contextlib.suppress(FileNotFoundError):  # another process may have cleared temporaries meanwhile
+            os.unlink(probe)
+    except OSError as error:
+        raise WriteError(folder, error) from None
 
 
 def save_npy(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -53,13 +122,60 @@ def load_json(path: str | os.PathLike) -> Any:
         return json.load(handle)
 
 
+@dataclass(frozen=True)
+class NpyHeader:
+    """What the header of a .npy file declares, and where its data starts (bytes)."""
+
+    shape: tuple[int, ...]
+    dtype: np.dtype
+    fortran_order: bool
+    data_offset: int
+
+    @property
+    def data_bytes(self) -> int:
+        return math.prod(self.shape) * self.dtype.itemsize
+
+
+def read_npy_header(path: str | os.PathLike) -> NpyHeader:
+    """Parse the header of a .npy file without reading its data.
+
+    Raises:
+        ValueError: the file is not a .npy file (bad magic or header); OSError: it cannot be read.
+    """
+    with open(path, "rb") as handle:
+        version = np.lib.format.read_magic(handle)
+        read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read(handle)
+        return NpyHeader(tuple(int(n) for n in shape), np.dtype(dtype), bool(fortran_order), handle.tell())
+
+
+def npy_problem(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> str | None:
+    """Why `path` is not a complete .npy file (of `shape`, if given), or None when it is.
+
+    The file size must be exactly the header plus the data it declares: a file cut short by a kill
+    or a full disk, or with bytes appended, is caught without reading the data.
+    """
+    try:
+        header = read_npy_header(path)
+        size = os.path.getsize(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except (OSError, ValueError, EOFError, SyntaxError) as error:
+        return f"is not a readable .npy file ({type(error).__name__}: {error})"
+    if header.dtype.hasobject:
+        return "holds Python objects, not numbers"
+    expected = header.data_offset + header.data_bytes
+    if size != expected:
+        return (f"has {size} bytes but its header describes {expected} ({header.dtype} {header.shape}); "
+                f"it was cut short or damaged")
+    if shape is not None and header.shape != tuple(shape):
+        return f"has shape {header.shape}, expected {tuple(shape)}"
+    return None
+
+
 def npy_is_complete(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> bool:
     """True when `path` is a readable .npy whose data is all there (and has `shape`, if given)."""
-    try:
-        array = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        return False
-    return shape is None or tuple(array.shape) == tuple(shape)
+    return npy_problem(path, shape) is None
 
 
 def remove_stale_temporaries(folder: str | os.PathLike) -> None:

@@ -19,6 +19,8 @@ from typing import Any
 
 import numpy as np
 
+from utils.io import WriteError
+
 PREFIX = "DLLL "
 
 
@@ -46,6 +48,7 @@ class DLLogger:
         self.start = time.time()
         if self.enabled:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            _end_cut_line(self.path)
 
     def _write(self, kind: str, step: Any, data: Mapping[str, Any]) -> None:
         if not self.enabled:
@@ -59,9 +62,12 @@ class DLLogger:
             "step": step,
             "data": _plain(data),
         }
-        with open(self.path, "a") as handle:
-            handle.write(PREFIX + json.dumps(record) + "\n")
-            handle.flush()
+        try:
+            with open(self.path, "a") as handle:
+                handle.write(PREFIX + json.dumps(record) + "\n")
+                handle.flush()
+        except OSError as error:
+            raise WriteError(self.path, error) from error
 
     def log(self, step: int | Sequence[int] | str, data: Mapping[str, Any]) -> None:
         """A metrics record; `step` is an epoch number, a list such as [epoch, batch], or a name."""
@@ -69,6 +75,22 @@ class DLLogger:
 
     def log_params(self, params: Mapping[str, Any]) -> None:
         self._write("PARAMETER", "PARAMETER", params)
+
+
+def _end_cut_line(path: Path) -> None:
+    """End a last line cut short by a killed writer, so that the next record starts on a line of its own."""
+    try:
+        with open(path, "rb+") as handle:
+            handle.seek(0, os.SEEK_END)
+            if handle.tell() == 0:
+                return
+            handle.seek(-1, os.SEEK_END)
+            if handle.read(1) != b"\n":
+                handle.write(b"\n")
+    except FileNotFoundError:
+        return
+    except OSError as error:
+        raise WriteError(path, error) from error
 
 
 def read_logs(path: str | os.PathLike) -> list[dict]:

@@ -128,10 +128,14 @@ def test_prediction_folders(make_task, tmp_path: Path) -> None:
     out = list(dm.predict_dataloader())
     assert [b["case_id"] for b in out] == [["test_000"], ["test_001"]]
     assert out[0]["image"].shape == (1, 2, *SHAPE) and "label" not in out[0]
-    # A folder of cases below the task (val/ here) is predicted with the task's config.
-    write_case(data / "val", "case_007", indexed_image(7), None)
-    dm = module(data / "val", "--exec_mode", "predict")
-    assert dm.task_dir == data and dm.test_cases == ["case_007"]
+    # A folder of cases below the task is predicted with the task's config; one named val/ gives the
+    # validation cases of --fold.
+    for index in range(3):
+        write_case(data / "val", f"case_{index:03d}", indexed_image(index), None)
+    dm = module(data / "val", "--exec_mode", "predict", "--nfolds", "3", "--fold", "1")
+    assert dm.task_dir == data and dm.test_cases == split_cases([f"case_{i:03d}" for i in range(3)], 3, 1)[1]
+    write_case(data / "other", "case_007", indexed_image(7), None)
+    assert module(data / "other", "--exec_mode", "predict").test_cases == ["case_007"]
     without_test = make_task(n_cases=3, name="no_test")
     with pytest.raises(UserError, match="has no test/ folder"):
         module(without_test, "--exec_mode", "predict")
