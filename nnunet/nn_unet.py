@@ -17,7 +17,7 @@ from nnunet.export import to_labels, write_prediction
 from nnunet.inference import predict_volume
 from nnunet.loss import DeepSupervisionLoss, RegionLoss, SegmentationLoss, labels_to_regions
 from nnunet.metrics import dice_from_regions, dice_per_class
-from nnunet.network import build_unet
+from nnunet.network import build_unet, set_layout
 from nnunet.overlay import write_overlay
 from utils.errors import UserError
 from utils.io import load_json
@@ -112,6 +112,7 @@ class NNUnet(pl.LightningModule):
         self.epoch_metrics = {}
         self.train_loss_sum.zero_()
         self.train_steps.zero_()
+        set_layout(self.model, channels_last=False)  # inference may have switched it (see infer)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         image, label = batch["image"], batch["label"]
@@ -140,6 +141,8 @@ class NNUnet(pl.LightningModule):
 
     def infer(self, image: torch.Tensor, tta: bool = False, activation: str | None = None) -> torch.Tensor:
         """(1, C, D, H, W) -> (1, K, D, H, W) logits, or probabilities with an activation."""
+        # Channels-last is the faster layout for 3D inference on the CPU (nnunet.network.set_layout).
+        set_layout(self.model, channels_last=image.device.type == "cpu" and self.dim == 3)
         return predict_volume(self.model, image, self.patch_size, overlap=self.args.overlap, blend=self.args.blend,
                               batch_size=self.args.val_batch_size, tta=tta, activation=activation)
 
@@ -224,6 +227,9 @@ class NNUnet(pl.LightningModule):
         checkpoint["nnunet"] = {
             "best_dice": self.best_dice,
             "best_epoch": self.best_epoch,
+            # The running epoch's loss, so that an epoch resumed from a mid-epoch checkpoint reports its full mean.
+            "train_loss_sum": float(self.train_loss_sum),
+            "train_steps": float(self.train_steps),
             "rng": {
                 "torch": torch.get_rng_state(),
                 "numpy": np.random.get_state()[1].tolist(),
@@ -236,6 +242,8 @@ class NNUnet(pl.LightningModule):
         state = checkpoint.get("nnunet", {})
         self.best_dice = float(state.get("best_dice", 0.0))
         self.best_epoch = int(state.get("best_epoch", -1))
+        self.train_loss_sum.fill_(float(state.get("train_loss_sum", 0.0)))
+        self.train_steps.fill_(float(state.get("train_steps", 0.0)))
         rng = state.get("rng")
         if rng:
             torch.set_rng_state(rng["torch"])

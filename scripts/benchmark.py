@@ -1,41 +1,69 @@
-"""Throughput benchmarks.
+"""Throughput and latency of training, prediction or the training loader.
 
-    python scripts/benchmark.py --mode loader --dim 3 --batch_size 2 --data /data/01_3d [--batches 50] [--num_workers 8]
+    python scripts/benchmark.py --mode train --gpus 1 --dim 3 --batch_size 2 --amp --data /data/01_3d
+    python scripts/benchmark.py --mode predict --gpus 1 --dim 3 --batch_size 4 --task 01
+    python scripts/benchmark.py --mode loader --dim 3 --batch_size 2 --data /data/01_3d --num_workers 8
 
---mode loader: patches (2D: slices) per second of the training loader, with its augmentations
-(without them under --benchmark), after --warmup batches, and the batch latency percentiles.
-Every main.py flag is accepted, with the same meaning.
+train, predict: runs `main.py --benchmark` (printed first, then run as an argument list): --warmup untimed
+steps, then --train_batches (train) or --test_batches (predict) timed ones. As in NVIDIA's reference, the
+warmup is by default as long as the timing: a warmup epoch, or a warmup pass over the batches. --data
+benchmarks a preprocessed task, --task NN random volumes with MSD task NN's plan.
+loader: patches (2D: slices) per second of the training loader of --data, with its augmentations, and the
+batch latency; --train_batches timed batches after --warmup.
+Each mode prints images/s and latency mean and percentiles, and writes them to RESULTS/perf.json.
+Every other main.py flag (python main.py --help) is passed on with the same meaning.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from data_loading.data_module import DataModule  # noqa: E402
-from utils.args import main_parser, positive_int  # noqa: E402
+from utils.args import non_negative_int, parse_main_args, positive_int  # noqa: E402
 from utils.errors import UserError  # noqa: E402
-from utils.logger import latency_summary  # noqa: E402
+
+MODES = ("train", "predict", "loader")
+# NVIDIA's reference times 150 batches by default.
+DEFAULT_BATCHES = 150
 
 
 def benchmark_parser() -> argparse.ArgumentParser:
-    """main.py's parser with the benchmark's own flags."""
-    parser = main_parser()
-    parser.description = __doc__.split("\n\n")[0]
-    own = parser.add_argument_group("benchmark script")
-    own.add_argument("--mode", choices=sorted(MODES), required=True, help="what to time")
-    own.add_argument("--batches", type=positive_int, default=20, help="timed batches (after --warmup)")
+    """This script's own flags; the rest of the command line goes to main.py's parser."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)  # an abbreviation could swallow a main.py flag
+    parser.add_argument("--mode", choices=MODES, required=True, help="what to time")
+    parser.add_argument("--train_batches", type=positive_int, default=DEFAULT_BATCHES,
+                        help=f"timed training steps (train) or loader batches (loader); default {DEFAULT_BATCHES}")
+    parser.add_argument("--test_batches", type=positive_int, default=DEFAULT_BATCHES,
+                        help=f"timed prediction steps (predict); default {DEFAULT_BATCHES}")
+    parser.add_argument("--warmup", type=non_negative_int, default=None,
+                        help="untimed steps first (default: as many as the timed ones)")
     return parser
 
 
-def time_batches(loader, warmup: int, batches: int) -> list[float]:
+def timed_flags(args: argparse.Namespace) -> list[str]:
+    """--warmup and the timed batch count of the mode, as main.py flags."""
+    timed = args.test_batches if args.mode == "predict" else args.train_batches
+    warmup = timed if args.warmup is None else args.warmup
+    flag = "--test_batches" if args.mode == "predict" else "--train_batches"
+    return [flag, str(timed), "--warmup", str(warmup)]
+
+
+def build_command(args: argparse.Namespace, main_flags: list[str]) -> list[str]:
+    """The main.py command of a train or predict benchmark."""
+    return [sys.executable, str(ROOT / "main.py"), "--benchmark", "--exec_mode", args.mode, *timed_flags(args),
+            *main_flags]
+
+
+def time_batches(loader: Iterable, warmup: int, batches: int) -> list[float]:
     """Seconds to fetch each of `batches` batches after `warmup` untimed ones."""
     iterator = iter(loader)
     for _ in range(warmup):
@@ -48,34 +76,49 @@ def time_batches(loader, warmup: int, batches: int) -> list[float]:
     return times
 
 
-def benchmark_loader(args: argparse.Namespace) -> dict[str, float]:
-    """Patches/s and latency (ms) of the training loader of --data, fold --fold."""
+def benchmark_loader(args: argparse.Namespace) -> dict:
+    """Patches/s and latency (ms) of the training loader of --data, fold --fold; written to RESULTS/perf.json.
+
+    Args:
+        args: main.py arguments; train_batches timed batches follow warmup untimed ones.
+    """
+    from data_loading.data_module import DataModule
+    from nnunet.benchmark import latency_line, write_record
+    from utils.logger import latency_summary
+
     args.exec_mode = "train"
-    args.train_batches = args.warmup + args.batches
+    timed = args.train_batches
+    args.train_batches = args.warmup + timed  # the loader's epoch: warmup, then the timed batches
     module = DataModule(args)
     module.setup("fit")
-    summary = latency_summary(time_batches(module.train_dataloader(), args.warmup, args.batches), args.batch_size)
-    module.teardown()
-    summary = {"mode": "loader", "dim": module.dim, "patch_size": module.patch_size, "batch_size": args.batch_size,
-               "num_workers": args.num_workers, "device": module.device.kind, **summary}
-    print(f"loader ({module.device.kind}, {args.num_workers} threads, {module.dim}D patch {module.patch_size}, "
-          f"batch {args.batch_size}): {summary['throughput']:.2f} patches/s, latency mean "
-          f"{summary['latency_mean']:.1f} ms, p90 {summary['latency_90']:.1f} ms, p99 {summary['latency_99']:.1f} ms")
-    print(json.dumps(summary))
-    return summary
-
-
-MODES: dict[str, Callable[[argparse.Namespace], dict]] = {"loader": benchmark_loader}
+    try:
+        seconds = time_batches(module.train_dataloader(), args.warmup, timed)
+    finally:
+        module.teardown()
+    record = {"mode": "loader", "device": module.device.kind, "num_workers": args.num_workers, "dim": module.dim,
+              "patch_size": module.patch_size, "batch_size": args.batch_size, "warmup": args.warmup, "steps": timed,
+              "data": str(args.data), **latency_summary(seconds, args.batch_size)}
+    print(f"loader benchmark ({module.device.kind}, {args.num_workers} threads, {module.dim}D patch "
+          f"{module.patch_size}, batch {args.batch_size}, {timed} batches after {args.warmup}): "
+          f"{record['throughput']:.2f} patches/s, {latency_line(record)}", flush=True)
+    write_record(record, Path(args.results), args.logname)
+    return record
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = benchmark_parser().parse_args(argv)
-    try:
-        MODES[args.mode](args)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 1
-    return 0
+    args, main_flags = benchmark_parser().parse_known_args(argv)
+    if args.mode == "loader":
+        main_args = parse_main_args([*main_flags, *timed_flags(args)])
+        try:
+            benchmark_loader(main_args)
+        except UserError as error:
+            print(f"error: {error}", file=sys.stderr)
+            return 1
+        return 0
+    parse_main_args(build_command(args, main_flags)[2:])  # a wrong flag fails here, before main.py starts
+    command = build_command(args, main_flags)
+    print(" ".join(command), flush=True)
+    return subprocess.run(command, check=False).returncode
 
 
 if __name__ == "__main__":

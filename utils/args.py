@@ -167,13 +167,16 @@ def main_parser() -> argparse.ArgumentParser:
                        help="batches per training epoch (0: the whole training set); timed steps in benchmark")
     bench.add_argument("--test_batches", type=non_negative_int, default=0,
                        help="batches per validation or prediction (0: all); timed steps in benchmark")
+    bench.add_argument("--task", default=None,
+                       help="benchmark on random volumes with the plan of MSD task 01-10 (patch size, spacing, "
+                            "channels, classes) instead of the data at --data")
 
     return parser
 
 
 def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = main_parser().parse_args(argv)
-    if args.dim == 2 and args.batch_size % args.nvol:
+    if args.dim == 2 and args.exec_mode == "train" and args.batch_size % args.nvol:
         main_parser().error(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
     return args
 
@@ -183,12 +186,15 @@ def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 def preprocess_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="Crop, resample and normalise an MSD-format task into NumPy volumes for training or inference.",
+        description="Crop, resample and normalise a raw task (MSD, nnU-Net v2, KiTS19 or a folder of 2D images) "
+                    "into NumPy volumes for training or inference.",
         formatter_class=Formatter,
     )
     parser.add_argument("--task", required=True,
-                        help="task number (00-10 or your own), or a task folder name such as Task05_Prostate")
-    parser.add_argument("--dim", type=int, choices=[2, 3], default=3, help="plan for a 2D or a 3D network")
+                        help="task number (TaskNN_* first, then DatasetNNN_*), a task folder name such as "
+                             "Task05_Prostate or Dataset005_Prostate, or kits19")
+    parser.add_argument("--dim", type=int, choices=[2, 3], default=None,
+                        help="plan for a 2D or a 3D network (default: the --plan's; else 2 for 2D images, 3 otherwise)")
     parser.add_argument("--exec_mode", choices=["training", "val", "test"], default="training",
                         help="training: imagesTr with labels; val: imagesTr without labels; test: imagesTs")
     parser.add_argument("--data", default="/data", help="folder that holds the raw TaskNN_Name folders")
@@ -196,6 +202,11 @@ def preprocess_parser() -> argparse.ArgumentParser:
     parser.add_argument("--n_jobs", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="cases preprocessed in parallel (one case per worker in memory)")
     parser.add_argument("--overwrite", action="store_true", help="redo cases that are already preprocessed")
+    parser.add_argument("--plan", default=None,
+                        help="a plan (a task's config.json, possibly edited) to preprocess with instead of planning")
+    parser.add_argument("--kits_recipe", choices=["final", "v1.0"], default="final",
+                        help="kits19: the MLPerf rules; final: 1.6x1.2x1.2 mm, all cases; v1.0: 1.6x1.0x1.0 mm "
+                             "without cases 15, 23, 37, 68, 125, 133")
     return parser
 
 

@@ -170,3 +170,52 @@ def test_invalid_settings_are_rejected(kwargs, message):
 def test_patch_and_spacing_must_agree():
     with pytest.raises(ValueError, match="2 or 3 axes"):
         build_unet(1, 2, (16, 16, 16), (1.0, 1.0))
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+def test_cpu_instance_norm_matches_torch_in_value_gradient_and_state_dict(dim):
+    from nnunet.network import use_cpu_instance_norm
+
+    torch.manual_seed(0)
+    reference = (nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d)(6, affine=True)
+    nn.init.normal_(reference.weight)
+    nn.init.normal_(reference.bias)
+    holder = use_cpu_instance_norm(nn.Sequential(reference))
+    replacement = holder[0]
+    assert type(replacement) is not type(reference) and isinstance(replacement, type(reference))
+    assert replacement.weight is reference.weight  # the same parameters, so the same checkpoints
+    image = torch.randn(2, 6, *([7, 8, 9] if dim == 3 else [10, 11]), requires_grad=True)
+    expected = nn.functional.instance_norm(image, weight=reference.weight, bias=reference.bias)
+    actual = replacement(image)
+    assert torch.allclose(actual, expected, atol=1e-5)
+    (grad_expected,) = torch.autograd.grad(expected.square().sum(), image)
+    (grad_actual,) = torch.autograd.grad(actual.square().sum(), image)
+    assert torch.allclose(grad_actual, grad_expected, atol=1e-4)
+    plain = DynUNet(3, 1, 2, [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[2, 2, 2]] * 2, filters=[4, 8, 16],
+                    norm_name=("INSTANCE", {"affine": True}))
+    ours = build_unet(1, 2, (16, 16, 16), (1.0, 1.0, 1.0), filters=[4, 8, 16])
+    assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
+
+
+def test_channels_last_layout_gives_the_same_output_and_switches_back_for_training():
+    from nnunet.network import set_layout
+
+    torch.manual_seed(0)
+    model = build_unet(2, 3, (16, 32, 32), (1.0, 1.0, 1.0), filters=[32, 64, 64, 64]).eval()
+    image = torch.randn(2, 2, 16, 32, 32)
+    with torch.inference_mode():
+        expected = model(image)
+        set_layout(model, channels_last=True)
+        kernels = [p for p in model.parameters() if p.dim() == 5]
+        assert all(p.stride()[1] == 1 for p in kernels)  # channels innermost, even with one input channel
+        actual = model(image)
+    assert torch.allclose(actual, expected, atol=1e-4)
+    set_layout(model, channels_last=False)
+    assert all(p.is_contiguous() and not p.is_inference() for p in model.parameters())
+    model.train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model(image).mean().backward()  # weights converted inside inference mode would be rejected here
+    optimizer.step()
+    two_d = build_unet(1, 2, (32, 32), (1.0, 1.0), filters=[4, 8, 16, 32])
+    strides = [p.stride() for p in two_d.parameters()]
+    assert [p.stride() for p in set_layout(two_d, channels_last=True).parameters()] == strides  # 2D: untouched
