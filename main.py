@@ -1,7 +1,9 @@
 """Train, evaluate, predict or benchmark: `python main.py --exec_mode train --data /data/01_3d --results /results`."""
 
+import logging
 import signal
 import sys
+import warnings
 
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -11,8 +13,16 @@ from utils.args import parse_main_args
 from utils.errors import UserError
 
 
+def quiet_lightning() -> None:
+    """Keep Lightning's warnings but not its informational lines (device availability, tips): the run prints
+    its own summary. A deprecation inside Lightning's own code is not actionable here either."""
+    logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_main_args(argv)
+    quiet_lightning()
     try:
         run(args)
     except UserError as error:

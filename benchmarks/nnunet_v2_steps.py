@@ -88,6 +88,18 @@ def dataset_json(spec: dict) -> dict:
             "numTraining": 1, "file_ending": ".nii.gz"}
 
 
+def timed_calls(call, warmup: int, steps: int) -> list[float]:
+    """Seconds of each of `steps` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        call()
+    seconds = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return seconds
+
+
 def time_training(spec: dict) -> list[float]:
     import torch
     from nnunetv2.training.nnUNetTrainer import nnUNetTrainer as trainer_module
@@ -101,13 +113,7 @@ def time_training(spec: dict) -> list[float]:
     shape = (spec["batch_size"], *spec["patch_size"])
     batch = {"data": torch.randn(shape[0], spec["in_channels"], *shape[1:], generator=generator),
              "target": torch.randint(0, spec["n_class"], (shape[0], 1, *shape[1:]), generator=generator).float()}
-    seconds = []
-    for step in range(spec["warmup"] + spec["steps"]):
-        start = time.perf_counter()
-        trainer.train_step(batch)
-        if step >= spec["warmup"]:
-            seconds.append(time.perf_counter() - start)
-    return seconds
+    return timed_calls(lambda: trainer.train_step(batch), spec["warmup"], spec["steps"])
 
 
 def time_prediction(spec: dict) -> list[float]:
@@ -127,13 +133,7 @@ def time_prediction(spec: dict) -> list[float]:
                                     None)
     torch.set_num_threads(spec["threads"])  # the predictor sets its own count on the CPU
     volume = torch.randn(spec["in_channels"], *spec["volume_shape"], generator=torch.Generator().manual_seed(0))
-    seconds = []
-    for case in range(spec["warmup"] + spec["steps"]):
-        start = time.perf_counter()
-        predictor.predict_sliding_window_return_logits(volume)
-        if case >= spec["warmup"]:
-            seconds.append(time.perf_counter() - start)
-    return seconds
+    return timed_calls(lambda: predictor.predict_sliding_window_return_logits(volume), spec["warmup"], spec["steps"])
 
 
 def main(path: str) -> None:

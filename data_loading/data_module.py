@@ -38,6 +38,7 @@ from data_loading.dali_loader import (
     training_pipeline,
     volume_pipeline,
 )
+from utils.args import accelerator_kind
 from utils.errors import UserError
 from utils.io import npy_problem, read_npy_header
 
@@ -239,8 +240,13 @@ class DataModule(pl.LightningDataModule):
             raise UserError(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
         self.seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
         self.rank, self.world_size, self.local_rank = 0, 1, 0
-        self.device: Device = select_device(args.gpus, 0)
+        self.device: Device = select_device(self.cuda_devices, 0)
         self._loaders: dict[str, DaliLoader] = {}
+
+    @property
+    def cuda_devices(self) -> int:
+        """GPUs for the DALI pipelines: those of --gpus on CUDA; none (the CPU) for any other accelerator."""
+        return max(self.args.gpus, 1) if accelerator_kind(self.args) == "gpu" else 0
 
     def split(self, cases: list[str]) -> tuple[list[str], list[str]]:
         """Training and validation cases of --fold: from splits.json when the task has one, else K-fold."""
@@ -273,7 +279,7 @@ class DataModule(pl.LightningDataModule):
         if (rank, world, local) != (self.rank, self.world_size, self.local_rank):
             self._loaders.clear()
         self.rank, self.world_size, self.local_rank = rank, world, local
-        self.device = select_device(self.args.gpus, local)
+        self.device = select_device(self.cuda_devices, local)
         if not self.predicting:
             for what, cases in (("training", self.train_cases), ("validation", self.val_cases)):
                 if len(cases) < world:

@@ -42,8 +42,8 @@ class StepTimer(pl.Callback):
     """Durations of the training or prediction steps that follow `warmup` untimed ones.
 
     A timestamp is taken at the start of every timed step and once after the last: a step lasts from its
-    start to the start of the next, so the time to fetch a batch counts, as it does in an epoch. On CUDA
-    the device is synchronised at those timestamps only (kernels run asynchronously, so a timestamp must
+    start to the start of the next, so the time to fetch a batch counts, as it does in an epoch. An accelerator
+    (CUDA, ...) is synchronised at those timestamps only (kernels run asynchronously, so a timestamp must
     wait for the work queued before it); on the CPU nothing is synchronised.
 
     Args:
@@ -57,8 +57,8 @@ class StepTimer(pl.Callback):
 
     @staticmethod
     def _now(pl_module: pl.LightningModule) -> float:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize(pl_module.device)
+        if pl_module.device.type != "cpu":  # kernels run asynchronously on an accelerator
+            torch.accelerator.synchronize(pl_module.device)
         return time.perf_counter()
 
     def _step_start(self, pl_module: pl.LightningModule, batch_idx: int) -> None:

@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from nnunet.mlperf import MLPerfReport, mlperf_metrics
 from utils.io import atomic_open, save_json
 from utils.logger import DLLogger, read_logs
 
@@ -48,12 +49,14 @@ class CheckpointSaver(pl.Callback):
             trainer.save_checkpoint(self.dirpath / BEST, weights_only=False)
 
 
-def format_epoch_line(epoch: int, metrics: dict[str, Any]) -> str:
-    """One readable line: epoch, per-class Dice, mean Dice, losses, best Dice and its epoch."""
+def format_epoch_line(epoch: int, metrics: dict[str, Any], names: list[str] | None = None,
+                      mean_name: str = "mean_dice") -> str:
+    """One readable line: epoch, Dice per class (D1, D2, ... or `names`), mean Dice, losses, best Dice and epoch."""
     parts = [f"epoch {epoch:4d}"]
     if "dice" in metrics:
-        parts.append(" ".join(f"D{i + 1} {value:.4f}" for i, value in enumerate(metrics["dice"])))
-        parts.append(f"mean_dice {metrics['dice_mean']:.4f}")
+        labels = names or [f"D{i + 1}" for i in range(len(metrics["dice"]))]
+        parts.append(" ".join(f"{label} {value:.4f}" for label, value in zip(labels, metrics["dice"])))
+        parts.append(f"{mean_name} {metrics['dice_mean']:.4f}")
     parts.append(f"train_loss {metrics['train_loss']:.4f}")
     if "val_loss" in metrics:
         parts.append(f"val_loss {metrics['val_loss']:.4f}")
@@ -63,11 +66,23 @@ def format_epoch_line(epoch: int, metrics: dict[str, Any]) -> str:
 
 
 class EpochLogger(pl.Callback):
-    """Writes params.json, one DLLogger record and one stdout line per epoch, and learning curves at the end."""
+    """Writes params.json, one DLLogger record and one stdout line per epoch, and learning curves at the end.
 
-    def __init__(self, results: str | os.PathLike, logname: str, params: dict[str, Any]) -> None:
+    Args:
+        results: the results folder.
+        logname: the DLLogger file's name in it.
+        params: the run's arguments, written to params.json and the log's first record.
+        names: names of the Dice scores (BraTS: the TensorFlow reference's), also logged under these names
+            with the mean as `MeanDice`; None: D1, D2, ...
+        report: an `MLPerfReport`: evaluated epochs are printed and logged as the MLPerf UNet3D reference does.
+    """
+
+    def __init__(self, results: str | os.PathLike, logname: str, params: dict[str, Any],
+                 names: list[str] | None = None, report: MLPerfReport | None = None) -> None:
         self.results = Path(results)
         self.params = params
+        self.names = names
+        self.report = report
         self.logger = DLLogger(self.results / logname)
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -79,17 +94,34 @@ class EpochLogger(pl.Callback):
         train_loss = pl_module.train_loss_mean()  # collective: every rank calls it
         if not trainer.is_global_zero:
             return
-        metrics = {"train_loss": train_loss, **pl_module.epoch_metrics,
+        evaluated = pl_module.epoch_metrics
+        metrics = {"train_loss": train_loss, **evaluated,
                    "best_dice": pl_module.best_dice, "best_epoch": pl_module.best_epoch,
                    "learning_rate": trainer.optimizers[0].param_groups[0]["lr"]}
         metrics.pop("cases", None)
-        line = format_epoch_line(trainer.current_epoch, metrics)
+        if self.names and "dice" in evaluated:
+            metrics.update(zip(self.names, evaluated["dice"]), MeanDice=evaluated["dice_mean"])
+        if self.report is not None and "dice" in evaluated:
+            record = mlperf_metrics(trainer.current_epoch + 1, {**evaluated, "train_loss": train_loss})
+            values = self.report.update(record)
+            line = self.report.line(values)
+            metrics.update((key, value) for key, value in values.items() if key != "epoch")
+        else:
+            line = format_epoch_line(trainer.current_epoch, metrics, self.names,
+                                     "MeanDice" if self.names else "mean_dice")
         bar = trainer.progress_bar_callback
         if bar is not None and hasattr(bar, "print"):
             bar.print(line)
         else:
             print(line, flush=True)
         self.logger.log(trainer.current_epoch, metrics)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"report": self.report.state_dict()} if self.report is not None else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.report is not None and "report" in state:
+            self.report.load_state_dict(state["report"])
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.is_global_zero:

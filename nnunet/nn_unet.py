@@ -22,9 +22,15 @@ from nnunet.overlay import write_overlay
 from utils.errors import UserError
 from utils.io import load_json
 
-# BraTS (MSD Task01 labels: 1 edema, 2 non-enhancing tumour, 3 enhancing tumour) trained on nested regions.
+# BraTS (MSD Task01 labels: 1 peritumoral edema, 2 non-enhancing tumour and necrosis, 3 enhancing tumour)
+# is trained on the nested regions whole tumour {1, 2, 3}, tumour core {2, 3} and enhancing tumour {3}.
+# Validation reports them with the TensorFlow reference's names, plus the edema (label 1: whole tumour
+# outside the core) and MeanDice, the mean of TumorCore, PeritumoralEdema and EnhancingTumor (its three
+# classes); WholeTumor is reported beside it. MeanDice also selects the best checkpoint.
 BRATS_REGIONS = [[1, 2, 3], [2, 3], [3]]
-BRATS_REGION_NAMES = ["WholeTumor", "TumorCore", "EnhancingTumor"]
+BRATS_SCORES = ["WholeTumor", "TumorCore", "EnhancingTumor", "PeritumoralEdema"]
+BRATS_MEAN = [1, 2, 3]  # indices into BRATS_SCORES averaged by MeanDice
+BRATS_EDEMA = 1
 PREDICTIONS = "predictions"
 
 
@@ -68,7 +74,8 @@ class NNUnet(pl.LightningModule):
         self.best_dice, self.best_epoch = 0.0, -1
         self.epoch_metrics: dict[str, Any] = {}
         self.meta_dir: str | None = None  # where predict_step finds each case's metadata
-        n_scores = self.n_outputs if self.regions else self.n_outputs - 1
+        n_scores = len(self.class_names)
+        self.mean_indices = BRATS_MEAN if self.args.brats else list(range(n_scores))
         self.register_buffer("train_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("train_steps", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("val_dice_sum", torch.zeros(n_scores, dtype=torch.float64), persistent=False)
@@ -89,7 +96,7 @@ class NNUnet(pl.LightningModule):
 
     def _class_names(self) -> list[str]:
         if self.args.brats:
-            return list(BRATS_REGION_NAMES)
+            return list(BRATS_SCORES)
         if self.regions:
             return [region["name"] for region in self.config["regions"]]
         return [self.config["labels"][str(value)] for value in range(1, self.n_outputs)]
@@ -149,7 +156,11 @@ class NNUnet(pl.LightningModule):
     def case_dice(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
         """Dice of each class (or region) for one case; output (1, K, ...) logits, label (1, 1, ...)."""
         if self.regions:
-            return dice_from_regions(output[0] > 0, labels_to_regions(label, self.regions)[0])
+            predicted, target = output[0] > 0, labels_to_regions(label, self.regions)[0]
+            if self.args.brats:  # the edema: whole tumour outside the tumour core
+                predicted = torch.cat([predicted, (predicted[0] & ~predicted[1])[None]])
+                target = torch.cat([target, (label[0] == BRATS_EDEMA)])
+            return dice_from_regions(predicted, target)
         return dice_per_class(output[0].argmax(0), label[0, 0], self.n_outputs)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -169,7 +180,7 @@ class NNUnet(pl.LightningModule):
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         cases = max(float(totals[-1]), 1.0)
         dice = (totals[:-2] / cases).float()
-        mean_dice = float(dice.mean())
+        mean_dice = float(dice[self.mean_indices].mean())
         if self.trainer.state.fn == TrainerFn.FITTING and mean_dice > self.best_dice:
             self.best_dice, self.best_epoch = mean_dice, self.current_epoch
         self.epoch_metrics = {
@@ -253,27 +264,38 @@ class NNUnet(pl.LightningModule):
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, args: Namespace):
-    """The learning-rate schedule of `--scheduler`, stepped once per epoch (None for a constant rate)."""
+    """The learning-rate schedule of `--scheduler` after `--lr_warmup_epochs` of linear warmup, stepped once
+    per epoch; None for a constant rate without warmup.
+
+    Every schedule but plateau is a factor of the base rate per epoch. The warmup rises linearly from
+    `--warmup_start_lr` and reaches the base rate in its last epoch, as the MLPerf UNet3D reference's does
+    (rate at 1-based epoch e: start + (base - start) * e / warmup); the schedule then starts from its epoch 0.
+    """
     epochs = max(1, args.epochs)
-    if args.scheduler == "none":
-        return None
-    if args.scheduler == "cosine":
-        warmup = args.lr_warmup_epochs
-
-        def cosine(epoch: int) -> float:
-            if epoch < warmup:
-                return (epoch + 1) / (warmup + 1)
-            progress = (epoch - warmup) / max(1, epochs - warmup)
-            return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
-
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, cosine)
-    if args.scheduler == "poly":
-        return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: (1 - min(epoch, epochs) / epochs) ** 0.9)
-    if args.scheduler == "multistep":
-        if not args.lr_steps:
-            raise UserError("--scheduler multistep needs --lr_steps, the epochs at which the rate drops")
-        return torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=args.lr_steps, gamma=args.lr_gamma)
+    warmup = args.lr_warmup_epochs
     if args.scheduler == "plateau":
+        if warmup:
+            raise UserError("--lr_warmup_epochs does not combine with --scheduler plateau")
         return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="max", factor=args.lr_gamma,
                                                           patience=args.lr_patience)
-    raise UserError(f"unknown scheduler {args.scheduler}")
+    if args.scheduler == "multistep" and not args.lr_steps:
+        raise UserError("--scheduler multistep needs --lr_steps, the epochs at which the rate drops")
+    if args.scheduler == "none" and not warmup:
+        return None
+    schedules = {
+        "none": lambda epoch: 1.0,
+        "cosine": lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch / max(1, epochs - warmup), 1.0))),
+        "poly": lambda epoch: (1 - min(epoch, epochs) / epochs) ** 0.9,
+        "multistep": lambda epoch: args.lr_gamma ** sum(epoch >= step for step in args.lr_steps or []),
+    }
+    if args.scheduler not in schedules:
+        raise UserError(f"unknown scheduler {args.scheduler}")
+    schedule = schedules[args.scheduler]
+    start = args.warmup_start_lr / args.learning_rate
+
+    def factor(epoch: int) -> float:
+        if epoch < warmup:
+            return start + (1 - start) * (epoch + 1) / warmup
+        return schedule(epoch - warmup)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)

@@ -8,19 +8,24 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from argparse import Namespace
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import EarlyStopping
+from pytorch_lightning.utilities.exceptions import MisconfigurationException
+from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
 from data_loading.data_module import DataModule
 from data_preprocessing.preprocessor import case_meta, image_cases, load_case, preprocess_arrays
 from nnunet.callbacks import LAST, AtomicCheckpointIO, CheckpointSaver, EpochLogger
+from nnunet.mlperf import MLPerfLogger, MLPerfReport, QualityThreshold
 from nnunet.nn_unet import PREDICTIONS, NNUnet
 from nnunet.preemption import PreemptionCheckpoint, StopPredictionOnSigterm
+from utils.args import accelerator_kind
 from utils.errors import UserError
 from utils.io import check_writable, remove_stale_temporaries
 
@@ -31,20 +36,32 @@ CHECKPOINTS = "checkpoints"
 # Device and trainer
 # ----------------------------------------------------------------------------------------------
 def accelerator(args: Namespace) -> tuple[str, int]:
-    """("gpu", GPUs per node) when GPUs are requested and CUDA is present, else ("cpu", processes)."""
-    if args.gpus > 0:
+    """The Lightning accelerator and its devices per node, checked against the machine.
+
+    ("gpu", --gpus) for CUDA, ("cpu", --cpu_processes) for the CPU, (name, max(--gpus, 1)) for any other
+    accelerator named by --accelerator (mps, xpu, ...), which Lightning checks when the Trainer is built.
+    """
+    kind = accelerator_kind(args)
+    if kind == "cpu":
+        return "cpu", args.cpu_processes
+    devices = max(args.gpus, 1)
+    if kind == "gpu":
         if not torch.cuda.is_available():
             raise UserError(f"--gpus {args.gpus} was given but no CUDA device is available; use --gpus 0 for the CPU")
-        if args.gpus > torch.cuda.device_count():
-            raise UserError(f"--gpus {args.gpus} was given but only {torch.cuda.device_count()} CUDA devices exist")
-        return "gpu", args.gpus
-    return "cpu", args.cpu_processes
+        if devices > torch.cuda.device_count():
+            raise UserError(f"--gpus {devices} was given but only {torch.cuda.device_count()} CUDA devices exist")
+    return kind, devices
 
 
 def precision(args: Namespace) -> str:
+    """FP32, or with --amp fp16 with a gradient scaler on CUDA and bf16 autocast on the CPU."""
     if not args.amp:
         return "32-true"
-    return "16-mixed" if accelerator(args)[0] == "gpu" else "bf16-mixed"
+    kind = accelerator(args)[0]
+    if kind not in ("gpu", "cpu"):
+        raise UserError(f"--amp runs on CUDA (fp16) or the CPU (bf16); --accelerator {kind} trains in FP32: "
+                        f"drop --amp")
+    return "16-mixed" if kind == "gpu" else "bf16-mixed"
 
 
 def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int | None = None,
@@ -56,7 +73,7 @@ def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-    return pl.Trainer(
+    settings = dict(
         accelerator=kind,
         devices=devices,
         num_nodes=args.nodes,
@@ -73,8 +90,12 @@ def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int
         use_distributed_sampler=False,
         default_root_dir=args.results,
         enable_model_summary=False,
-        **options,
+        enable_progress_bar=sys.stderr.isatty(),  # a bar redrawn in a log file is noise: per-epoch lines remain
     )
+    try:
+        return pl.Trainer(**{**settings, **options})
+    except (MisconfigurationException, ValueError) as error:  # an accelerator unknown or absent here
+        raise UserError(f"--accelerator {kind}: {error}") from None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -218,19 +239,38 @@ def train(args: Namespace) -> NNUnet:
         check_fits(model, read_checkpoint(resume), resume)
     elif args.ckpt_path:
         load_weights(model, args.ckpt_path)
+    datamodule = DataModule(args)
     callbacks: list[pl.Callback] = [
-        EpochLogger(results, args.logname, vars(args)),
+        EpochLogger(results, args.logname, vars(args), names=model.class_names if args.brats else None,
+                    report=MLPerfReport() if args.log_line == "mlperf" else None),
         EarlyStopping(monitor="dice_mean", mode="max", patience=args.patience, strict=False,
                       check_on_train_epoch_end=False),
     ]
+    if args.quality_threshold is not None:
+        callbacks.append(QualityThreshold(args.quality_threshold))
+    if args.mlperf_log:
+        callbacks.append(MLPerfLogger(args.mlperf_log, args, len(datamodule.train_cases), len(datamodule.val_cases),
+                                      args.quality_threshold))
     if args.save_ckpt:
         callbacks.append(CheckpointSaver(checkpoints))
     # Last: an epoch that ends is logged and saved before a pending stop.
     callbacks.append(PreemptionCheckpoint(checkpoints, refresh_at_end=not args.save_ckpt))
     trainer = build_trainer(args, callbacks)
-    trainer.fit(model, datamodule=DataModule(args), ckpt_path=str(resume) if resume else None,
+    print_run_summary(args, model, datamodule)
+    trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
                 weights_only=True if resume else None)
     return model
+
+
+@rank_zero_only
+def print_run_summary(args: Namespace, model: NNUnet, datamodule: DataModule) -> None:
+    """One line before training: network, device, precision, fold and where the results go."""
+    kind, devices = accelerator(args)
+    parameters = sum(p.numel() for p in model.parameters()) / 1e6
+    print(f"training a {model.dim}D U-Net ({parameters:.2f} M parameters, patch {model.patch_size}, "
+          f"{model.n_outputs} {model.activation} outputs) on {kind} x{devices * args.nodes}, {precision(args)}; "
+          f"fold {args.fold}: {len(datamodule.train_cases)} training and {len(datamodule.val_cases)} validation "
+          f"cases; results in {args.results}", flush=True)
 
 
 def evaluate(args: Namespace) -> dict:
@@ -242,14 +282,14 @@ def evaluate(args: Namespace) -> dict:
     trainer.validate(model, datamodule=DataModule(args), verbose=False)
     metrics = model.epoch_metrics
     if trainer.is_global_zero:
-        print(format_dice_table(model.class_names, metrics))
+        print(format_dice_table(model.class_names, metrics, "MeanDice" if args.brats else "mean"))
     return metrics
 
 
-def format_dice_table(names: list[str], metrics: dict) -> str:
+def format_dice_table(names: list[str], metrics: dict, mean_name: str = "mean") -> str:
     rows = [f"{'class':<24} {'Dice':>8}"]
     rows += [f"D{i + 1} {name:<21} {value:8.4f}" for i, (name, value) in enumerate(zip(names, metrics["dice"]))]
-    rows.append(f"{'mean':<24} {metrics['dice_mean']:8.4f}")
+    rows.append(f"{mean_name:<24} {metrics['dice_mean']:8.4f}")
     rows.append(f"{'validation loss':<24} {metrics['val_loss']:8.4f}  ({metrics['cases']} cases)")
     return "\n".join(rows)
 
@@ -281,7 +321,9 @@ def predict_raw(args: Namespace) -> list[str]:
         raise UserError(f"--input {folder} is not a folder of NIfTI images")
     model = model_from_checkpoint(args.ckpt_path, args)
     config = model.config
-    device = torch.device("cuda", 0) if accelerator(args)[0] == "gpu" else torch.device("cpu")
+    if accelerator(args)[1] * args.nodes > 1:
+        raise UserError("--input predicts in one process: use one device (--gpus 1 or 0, --cpu_processes 1)")
+    device = build_trainer(args, []).strategy.root_device
     model.to(device).eval()
     dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
     cases = image_cases(folder, config["in_channels"])

@@ -17,7 +17,6 @@ Every other main.py flag (python main.py --help) is passed on with the same mean
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 import time
 from collections.abc import Iterable
@@ -28,6 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from utils.args import non_negative_int, parse_main_args, positive_int  # noqa: E402
 from utils.errors import UserError  # noqa: E402
+from utils.launch import run_printed  # noqa: E402
 
 MODES = ("train", "predict", "loader")
 # NVIDIA's reference times 150 batches by default.
@@ -117,8 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     parse_main_args(build_command(args, main_flags)[2:])  # a wrong flag fails here, before main.py starts
     command = build_command(args, main_flags)
-    print(" ".join(command), flush=True)
-    return subprocess.run(command, check=False).returncode
+    return run_printed(command)
 
 
 if __name__ == "__main__":

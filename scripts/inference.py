@@ -11,7 +11,6 @@ The command is printed, then run as an argument list.
 from __future__ import annotations
 
 import argparse
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.args import non_negative_int  # noqa: E402
+from utils.launch import run_printed  # noqa: E402
 
 
 def parser() -> argparse.ArgumentParser:
@@ -50,8 +50,7 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     args, extra = parser().parse_known_args(argv)
     command = build_command(args, extra)
-    print(" ".join(command), flush=True)
-    return subprocess.run(command, check=False).returncode
+    return run_printed(command)
 
 
 if __name__ == "__main__":

@@ -69,7 +69,12 @@ def main_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", default="/data", help="preprocessed task folder, e.g. /data/01_3d")
     run.add_argument("--results", default="/results", help="folder for checkpoints, logs and predictions")
     run.add_argument("--logname", default="logs.json", help="name of the DLLogger-format log in --results")
-    run.add_argument("--gpus", type=non_negative_int, default=0, help="GPUs per node (0: run on the CPU)")
+    run.add_argument("--gpus", type=non_negative_int, default=0,
+                     help="GPUs per node (0: run on the CPU); with --accelerator, its devices per node")
+    run.add_argument("--accelerator", default=None,
+                     help="a Lightning accelerator (cpu, gpu, mps, xpu, ...); default: gpu with --gpus > 0, else "
+                          "cpu. Accelerators other than CUDA and the CPU run in FP32 with the data pipelines on "
+                          "the CPU")
     run.add_argument("--nodes", type=positive_int, default=1, help="number of machines (torchrun or SLURM)")
     run.add_argument("--cpu_processes", type=positive_int, default=1,
                      help="with --gpus 0: data-parallel processes on the CPU (DDP over gloo)")
@@ -122,7 +127,10 @@ def main_parser() -> argparse.ArgumentParser:
     optim.add_argument("--scheduler", choices=["none", "cosine", "poly", "multistep", "plateau"], default="none",
                        help="learning-rate schedule")
     optim.add_argument("--lr_warmup_epochs", type=non_negative_int, default=0,
-                       help="cosine: epochs of linear warmup before the decay")
+                       help="epochs of linear warmup from --warmup_start_lr before the schedule (any --scheduler "
+                            "but plateau)")
+    optim.add_argument("--warmup_start_lr", type=float, default=0.0,
+                       help="learning rate the warmup starts from; it reaches --learning_rate in its last epoch")
     optim.add_argument("--lr_steps", type=positive_int, nargs="+", default=None,
                        help="multistep: epochs at which the learning rate is multiplied by --lr_gamma")
     optim.add_argument("--lr_gamma", type=positive_float, default=0.1,
@@ -138,6 +146,14 @@ def main_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--eval_every", type=positive_int, default=1, help="validate every N epochs")
     evaluation.add_argument("--skip_first_n_eval", type=non_negative_int, default=0,
                             help="skip validation in the first N epochs")
+    evaluation.add_argument("--quality_threshold", type=probability, default=None,
+                            help="stop training after the evaluation whose mean Dice reaches this value "
+                                 "(MLPerf UNet3D: 0.908)")
+    evaluation.add_argument("--log_line", choices=["nnunet", "mlperf"], default="nnunet",
+                            help="per-epoch line on stdout; mlperf: the MLPerf UNet3D reference's (L1 dice, "
+                                 "L2 dice, mean_dice, eval_loss, train_loss and TOP_* at the best evaluation)")
+    evaluation.add_argument("--mlperf_log", default=None,
+                            help="also write MLPerf-compliant events to this file (needs mlperf-logging)")
     evaluation.add_argument("--overlap", type=overlap_fraction, default=0.5,
                             help="overlap of neighbouring sliding windows")
     evaluation.add_argument("--blend", choices=["gaussian", "constant"], default="gaussian",
@@ -172,6 +188,15 @@ def main_parser() -> argparse.ArgumentParser:
                             "channels, classes) instead of the data at --data")
 
     return parser
+
+
+def accelerator_kind(args: argparse.Namespace) -> str:
+    """The accelerator the flags name: "cpu", "gpu" (CUDA) or another Lightning accelerator's name.
+
+    `nnunet.run.accelerator` checks it against the machine; the data pipelines run on the GPU only for "gpu".
+    """
+    name = (getattr(args, "accelerator", None) or ("gpu" if args.gpus > 0 else "cpu")).lower()
+    return "gpu" if name == "cuda" else name
 
 
 def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:

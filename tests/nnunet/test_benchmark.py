@@ -84,11 +84,11 @@ def test_on_a_preprocessed_task(synthetic_task, tmp_path: Path, monkeypatch, mod
     assert record["data"] == str(synthetic_task.preprocessed(3)) and record["in_channels"] == 2
 
 
-def test_step_timer_excludes_the_warmup_and_synchronises_only_cuda(monkeypatch) -> None:
+def test_step_timer_excludes_the_warmup_and_synchronises_only_an_accelerator(monkeypatch) -> None:
     clock = iter([10.0, 10.5, 11.5, 13.0])
     monkeypatch.setattr(benchmark_module.time, "perf_counter", lambda: next(clock))
     synchronised = []
-    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: synchronised.append(device))
+    monkeypatch.setattr(torch.accelerator, "synchronize", lambda device=None: synchronised.append(device))
     cpu = SimpleNamespace(device=torch.device("cpu"))
     timer = StepTimer(warmup=2)
     for batch_idx in range(5):

@@ -13,6 +13,7 @@ import torch
 import main
 from nnunet.nn_unet import make_scheduler
 from tests.conftest import train_argv
+from utils.errors import UserError
 from utils.logger import read_logs
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -115,7 +116,11 @@ def test_variants_train(synthetic_task, tmp_path, dim, flags):
     if "--skip_first_n_eval" in flags:
         assert "dice" not in records[0]["data"] and "dice" in records[1]["data"]
     if "--brats" in flags:
-        assert len(records[1]["data"]["dice"]) == 3
+        data = records[1]["data"]
+        assert len(data["dice"]) == 4 and data["MeanDice"] == data["dice_mean"]
+        assert data["MeanDice"] == pytest.approx((data["TumorCore"] + data["EnhancingTumor"]
+                                                  + data["PeritumoralEdema"]) / 3)
+        assert {"WholeTumor", "TumorCore", "EnhancingTumor", "PeritumoralEdema"} <= set(data)
 
 
 def test_a_network_the_patch_cannot_hold_is_a_clear_error(synthetic_task, tmp_path, capsys):
@@ -139,7 +144,8 @@ def test_wrong_checkpoints_are_clear_errors(trained, synthetic_task, tmp_path, c
 
 
 def schedule(name: str, epochs: int = 10, **options) -> list[float]:
-    args = Namespace(scheduler=name, epochs=epochs, lr_warmup_epochs=0, lr_steps=None, lr_gamma=0.1, lr_patience=1)
+    args = Namespace(scheduler=name, epochs=epochs, lr_warmup_epochs=0, lr_steps=None, lr_gamma=0.1, lr_patience=1,
+                     learning_rate=1.0, warmup_start_lr=0.0)
     vars(args).update(options)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = make_scheduler(optimizer, args)
@@ -153,14 +159,21 @@ def schedule(name: str, epochs: int = 10, **options) -> list[float]:
 
 def test_learning_rate_schedules():
     assert make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
-                          Namespace(scheduler="none", epochs=3)) is None
+                          Namespace(scheduler="none", epochs=3, lr_warmup_epochs=0)) is None
     cosine = schedule("cosine", lr_warmup_epochs=2)
-    assert cosine[:3] == pytest.approx([1 / 3, 2 / 3, 1.0]) and cosine[-1] < 0.05
+    assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[-1] < 0.05
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
     assert schedule("poly", epochs=4) == pytest.approx([(1 - e / 4) ** 0.9 for e in range(4)])
     assert schedule("multistep", lr_steps=[2, 5]) == pytest.approx([1, 1, 0.1, 0.1, 0.1] + [0.01] * 5)
     plateau = schedule("plateau", lr_gamma=0.5)
     assert plateau[0] == 1.0 and plateau[-1] < 0.1
+    # The MLPerf UNet3D warmup: linear from the start rate, the base rate in the last warmup epoch, then constant.
+    mlperf = schedule("none", epochs=8, lr_warmup_epochs=4, learning_rate=0.8, warmup_start_lr=1e-4)
+    start = 1e-4 / 0.8  # factors of the optimizer's base rate
+    assert mlperf == pytest.approx([start + (1 - start) * e / 4 for e in (1, 2, 3, 4)] + [1.0] * 4)
+    assert schedule("multistep", lr_steps=[1], lr_warmup_epochs=2)[:4] == pytest.approx([0.5, 1.0, 1.0, 0.1])
+    with pytest.raises(UserError, match="does not combine"):
+        schedule("plateau", lr_warmup_epochs=2)
 
 
 def test_train_script_builds_the_recommended_command():
@@ -175,3 +188,26 @@ def test_train_script_builds_the_recommended_command():
     args, extra = train_script.parser().parse_known_args(["--data", "/d/01_2d", "--dim", "2"])
     command = train_script.build_command(args, extra)
     assert command[command.index("--batch_size") + 1] == "64" and "--nvol" in command
+
+
+def test_accelerator_flag_names_any_lightning_accelerator(synthetic_task, tmp_path, capsys):
+    argv = train_argv(synthetic_task.preprocessed(3), tmp_path, "--epochs", "1", "--train_batches", "1")
+    assert main.main([*argv, "--accelerator", "cpu"]) == 0
+    assert len(epoch_records(tmp_path)) == 1
+    # One this machine lacks, or a name Lightning does not know: one line, before any work.
+    assert main.main([*argv, "--accelerator", "mps"]) == 1
+    assert "--accelerator mps" in capsys.readouterr().err
+    assert main.main([*argv, "--accelerator", "abacus"]) == 1
+    assert "invalid accelerator name" in capsys.readouterr().err
+
+
+def test_cuda_calls_sit_behind_the_device_choice():
+    """Only the modules that choose the device (nnunet/run.py, the DALI device in data_loading/dali_loader.py)
+    call CUDA directly; everything else follows the Trainer's device."""
+    allowed = {"nnunet/run.py", "data_loading/dali_loader.py"}
+    pattern = re.compile(r"torch\.cuda\.|\.cuda\(")
+    for folder in ("nnunet", "data_loading", "data_preprocessing", "utils", "scripts"):
+        for path in (ROOT / folder).rglob("*.py"):
+            name = path.relative_to(ROOT).as_posix()
+            if name not in allowed:
+                assert not pattern.search(path.read_text()), f"{name} calls CUDA directly"
