@@ -5,15 +5,16 @@ from __future__ import annotations
 import sys
 from collections.abc import Sequence
 
-from nnunet.evaluation import EvaluationError, run_evaluation
+from nnunet.evaluation import run_evaluation
 from utils.args import evaluate_parser
+from utils.errors import UserError
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
     try:
         run_evaluation(args)
-    except EvaluationError as error:
+    except UserError as error:  # EvaluationError, WriteError: one line, nothing half-written
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0

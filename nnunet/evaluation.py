@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from nnunet.metrics import class_counts, dice_from_counts, hd95
+from utils.errors import UserError
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Affines are stored as float32 in NIfTI headers; differences below these tolerances are rounding.
@@ -37,7 +38,7 @@ AFFINE_ATOL = 1e-3  # mm
 MAX_LABEL = 65535
 
 
-class EvaluationError(ValueError):
+class EvaluationError(UserError, ValueError):
     """A problem with the inputs of an evaluation, described in one line for the user."""
 
 
