@@ -23,7 +23,6 @@ files whose source is newer than the converted file.
 
 from __future__ import annotations
 
-import gzip
 import os
 from pathlib import Path
 
@@ -32,7 +31,7 @@ import numpy as np
 from PIL import Image
 
 from data_preprocessing.layouts import PreprocessingError, read_json_object, v2_labels
-from utils.io import atomic_open, load_json, save_json
+from utils.io import atomic_open, load_json, save_json, save_nifti
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 CONVERTED = "nifti"  # the converted MSD task, inside RESULTS/<Name>_2d
@@ -117,12 +116,11 @@ def write_mask_png(path: str | os.PathLike, labels: np.ndarray, scale: int = 1) 
 # Converting a folder
 # --------------------------------------------------------------------------------------------
 def _save_nifti(path: Path, volume: np.ndarray) -> None:
-    """Write a volume as .nii.gz with a 1 mm identity affine, atomically (utils.io.atomic_open)."""
+    """Write a volume as .nii.gz with a 1 mm identity affine, atomically."""
     nifti = nib.Nifti1Image(volume, np.eye(4))
     nifti.set_qform(np.eye(4), code=1)
     nifti.set_sform(np.eye(4), code=1)
-    with atomic_open(path, "wb") as handle:
-        handle.write(gzip.compress(nifti.to_bytes(), compresslevel=1))  # nibabel's own level for .nii.gz
+    save_nifti(path, nifti)
 
 
 def _is_current(target: Path, source: Path) -> bool:
@@ -207,10 +205,13 @@ def convert_folder(source: str | os.PathLike, target: str | os.PathLike, overwri
     elif test.is_dir() and image_files(test):
         test_images = image_files(test)
 
-    # Every mask first: binary (0/255) or class ids is a property of the whole dataset.
-    mask_pixels = {path: read_mask(path) for path in [*masks.values(), *test_masks.values()]}
+    # Every mask first: binary (0/255) or class ids is a property of the whole dataset. Only each mask's values
+    # and size are kept; its pixels are read again when its label is written.
+    mask_shapes: dict[Path, tuple[int, ...]] = {}
     where: dict[int, Path] = {}
-    for path, pixels in mask_pixels.items():
+    for path in [*masks.values(), *test_masks.values()]:
+        pixels = read_mask(path)
+        mask_shapes[path] = pixels.shape
         for value in np.unique(pixels).tolist():
             where.setdefault(value, path)
     found = set(where)
@@ -242,14 +243,15 @@ def convert_folder(source: str | os.PathLike, target: str | os.PathLike, overwri
                                          f"{channels}; use all grayscale or all colour images")
             entry = {"image": f"./{image_dir}/{case_id}.nii.gz"}
             if case_id in pair_masks:
-                pixels = mask_pixels[pair_masks[case_id]]
-                if pixels.shape != tuple(shape):
-                    raise PreprocessingError(f"{case_id}: mask {pair_masks[case_id]} is {pixels.shape[1]}x"
-                                             f"{pixels.shape[0]} pixels but its image is {shape[1]}x{shape[0]}")
+                mask_path = pair_masks[case_id]
+                mask_shape = mask_shapes[mask_path]
+                if mask_shape != tuple(shape):
+                    raise PreprocessingError(f"{case_id}: mask {mask_path} is {mask_shape[1]}x{mask_shape[0]} "
+                                             f"pixels but its image is {shape[1]}x{shape[0]}")
                 label_target = target / label_dir / f"{case_id}.nii.gz"
                 label_target.parent.mkdir(parents=True, exist_ok=True)
-                if overwrite or rescaled or not _is_current(label_target, pair_masks[case_id]):
-                    _save_nifti(label_target, to_volume((pixels // scale).astype(np.uint8)))
+                if overwrite or rescaled or not _is_current(label_target, mask_path):
+                    _save_nifti(label_target, to_volume((read_mask(mask_path) // scale).astype(np.uint8)))
                 entry["label"] = f"./{label_dir}/{case_id}.nii.gz"
             entries[part].append(entry if part == "training" else entry["image"])
     dataset = {

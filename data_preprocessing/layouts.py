@@ -204,6 +204,10 @@ def check_msd_dataset(dataset: dict, path: Path) -> dict:
             raise PreprocessingError(f"{path} has no '{key}' entry")
     if not isinstance(dataset["modality"], dict) or not dataset["modality"]:
         raise PreprocessingError(f"{path}: 'modality' must map channel numbers to names, e.g. {{\"0\": \"CT\"}}")
+    channels = [str(c) for c in range(len(dataset["modality"]))]
+    if sorted(dataset["modality"]) != sorted(channels):
+        raise PreprocessingError(f"{path}: the keys of 'modality' must be the channel numbers "
+                                 f"{', '.join(channels)}, got {', '.join(map(repr, dataset['modality']))}")
     try:
         labels = {int(k): v for k, v in dataset["labels"].items()}
     except (AttributeError, ValueError):
@@ -213,7 +217,27 @@ def check_msd_dataset(dataset: dict, path: Path) -> dict:
         raise PreprocessingError(f"{path}: 'labels' must declare the background value 0")
     if not isinstance(dataset["training"], list):
         raise PreprocessingError(f"{path}: 'training' must be a list of {{image, label}} entries")
+    for index, entry in enumerate(dataset["training"]):
+        if not (isinstance(entry, dict) and _is_file_name(entry.get("image")) and _is_file_name(entry.get("label"))):
+            raise PreprocessingError(f"{path}: training entry {index} must be {{\"image\": file, \"label\": file}}, "
+                                     f"got {_short(entry)}")
+    if not isinstance(dataset.get("test", []), list):
+        raise PreprocessingError(f"{path}: 'test' must be a list of image files")
+    for index, entry in enumerate(dataset.get("test", [])):
+        if not (_is_file_name(entry) or (isinstance(entry, dict) and _is_file_name(entry.get("image")))):
+            raise PreprocessingError(f"{path}: test entry {index} must be an image file or {{\"image\": file}}, "
+                                     f"got {_short(entry)}")
     return dataset
+
+
+def _is_file_name(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _short(value, limit: int = 80) -> str:
+    """A JSON value as one line of at most about `limit` characters, for error messages."""
+    text = json.dumps(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def case_id_of(image_path: str) -> str:
@@ -237,9 +261,7 @@ def list_cases(dataset: dict, exec_mode: str) -> list[CaseFiles]:
             image = entry["image"] if isinstance(entry, dict) else entry
             cases.append(CaseFiles(case_id_of(image), _relative(image), None))
         return cases
-    for index, entry in enumerate(dataset["training"]):
-        if not isinstance(entry, dict) or "image" not in entry or "label" not in entry:
-            raise PreprocessingError(f"dataset.json: training entry {index} needs 'image' and 'label'")
+    for entry in dataset["training"]:  # entries checked by check_msd_dataset
         label = _relative(entry["label"]) if exec_mode == "training" else None
         cases.append(CaseFiles(case_id_of(entry["image"]), _relative(entry["image"]), label))
     ids = [case.case_id for case in cases]
@@ -273,7 +295,7 @@ def read_msd(folder: Path, dataset: dict | None = None, dim: int | None = None) 
     path = folder / "dataset.json"
     dataset = check_msd_dataset(dataset if dataset is not None else read_json_object(path), path)
     labels = _check_labels({str(int(k)): v for k, v in dataset["labels"].items()}, str(path))
-    modalities = {str(k): str(v) for k, v in dataset["modality"].items()}
+    modalities = {str(c): str(dataset["modality"][str(c)]) for c in range(len(dataset["modality"]))}
     return RawTask(
         root=folder, name=folder.name, key=configs.task_number(folder.name), layout="msd", dim=dim or 3,
         modalities=modalities, labels=labels, regions=dataset_regions(dataset, [int(k) for k in labels]),

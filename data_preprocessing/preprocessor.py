@@ -22,6 +22,7 @@ import math
 import multiprocessing
 import os
 from collections.abc import Iterable, Iterator, Sequence
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -394,6 +395,10 @@ def run_parallel(function, argument_tuples: list[tuple], pool: concurrent.future
 
     Each worker holds one case at a time. The first failure cancels the remaining work and is
     raised here.
+
+    Raises:
+        PreprocessingError: a worker process died (killed, e.g. for lack of memory), naming the cases
+            left unfinished.
     """
     with tqdm(total=len(argument_tuples), desc=description, unit="case", leave=False, disable=None) as progress:
         if pool is None:
@@ -408,11 +413,26 @@ def run_parallel(function, argument_tuples: list[tuple], pool: concurrent.future
             for future in concurrent.futures.as_completed(futures):
                 results[futures[future]] = future.result()
                 progress.update()
+        except BrokenProcessPool:
+            finished = {index for future, index in futures.items()
+                        if future.done() and not future.cancelled() and future.exception() is None}
+            unfinished = sorted(set(futures.values()) - finished)
+            names = [_item_name(argument_tuples[index], index) for index in unfinished]
+            shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+            raise PreprocessingError(
+                f"a worker process died while {description}, most likely killed for lack of memory, with "
+                f"{len(names)} case(s) unfinished ({shown}); run again with a lower --n_jobs (finished cases "
+                f"are kept)") from None
         except BaseException:
             for future in futures:
                 future.cancel()
             raise
         return results
+
+
+def _item_name(arguments: tuple, index: int) -> str:
+    """The case id among a work item's arguments, else its position."""
+    return next((argument.case_id for argument in arguments if isinstance(argument, CaseFiles)), f"item {index}")
 
 
 def output_dir(results: str | os.PathLike, key: str, dim: int) -> Path:

@@ -9,9 +9,7 @@ interpolating a label map, then placed in the source volume and written with its
 from __future__ import annotations
 
 import base64
-import contextlib
 import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -22,7 +20,7 @@ import torch
 from data_preprocessing.images2d import write_mask_png
 from data_preprocessing.resample import resample_probabilities
 from nnunet.loss import regions_to_labels
-from utils.io import FILE_MODE, WriteError, atomic_open
+from utils.io import atomic_open, save_nifti
 
 
 def unpad(volume: torch.Tensor, pad: Sequence[Sequence[int]]) -> torch.Tensor:
@@ -65,26 +63,12 @@ def source_header(meta: dict) -> nib.Nifti1Header:
     return nib.Nifti1Header(binaryblock=base64.b64decode(meta["nifti_header"]))
 
 
-def save_nifti(path: str | os.PathLike, data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> None:
-    """Write a NIfTI file atomically (a temporary `.nii.gz` beside it, then a rename)."""
-    path = Path(path)
+def source_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header) -> nib.Nifti1Image:
+    """`data` as a NIfTI image with the source's affine and header, stored as its own type without scaling."""
     header = header.copy()
     header.set_data_dtype(data.dtype)
     header.set_slope_inter(1, 0)
-    image = nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
-    suffix = ".nii.gz" if path.name.endswith(".gz") else ".nii"
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp" + suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(image, tmp_name)
-        os.chmod(tmp_name, FILE_MODE)
-        os.replace(tmp_name, path)
-    except BaseException as error:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp_name)
-        if isinstance(error, OSError):  # e.g. no space left: one line naming the file
-            raise WriteError(path, error) from error
-        raise
+    return nib.Nifti1Image(data, np.asarray(affine, dtype=np.float64), header=header)
 
 
 def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch.Tensor,
@@ -109,7 +93,7 @@ def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch
     on_crop = to_crop_grid(probabilities, meta)
     labels = place_in_source(to_labels(on_crop, regions), meta)
     path = folder / f"{meta['case_id']}.nii.gz"
-    save_nifti(path, labels, np.array(meta["affine"]), source_header(meta))
+    save_nifti(path, source_image(labels, np.array(meta["affine"]), source_header(meta)))
     if meta.get("png_masks"):  # a task converted from 2D PNG/TIFF masks: also a mask in that form
         write_mask_png(folder / f"{meta['case_id']}.png", labels, meta["png_masks"]["scale"])
     if save_probs:

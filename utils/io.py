@@ -10,6 +10,7 @@ of the machine too. A write that fails (disk full, read-only folder) raises `Wri
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import math
 import os
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import nibabel as nib
 import numpy as np
 
 from utils.errors import UserError
@@ -43,7 +45,13 @@ class WriteError(UserError):
     def __init__(self, path: str | os.PathLike, error: OSError) -> None:
         self.path = Path(path)
         self.errno = error.errno
-        super().__init__(f"cannot write {path}: {error.strerror or error}")
+        self.reason = error.strerror or str(error)
+        super().__init__(f"cannot write {path}: {self.reason}")
+
+    def __reduce__(self):
+        # Rebuilt from its own fields, so that it crosses from a worker process to the parent intact
+        # (the default would call __init__ with the message alone).
+        return type(self), (self.path, OSError(self.errno, self.reason))
 
 
 def fsync_folder(folder: str | os.PathLike) -> None:
@@ -115,6 +123,17 @@ def save_json(path: str | os.PathLike, data: Any) -> None:
     with atomic_open(path, "w") as handle:
         json.dump(data, handle, indent=2)
         handle.write("\n")
+
+
+def save_nifti(path: str | os.PathLike, image: nib.Nifti1Image) -> None:
+    """Write a NIfTI image atomically, gzip-compressed when `path` ends with .gz (at nibabel's own level, 1)."""
+    with atomic_open(path, "wb") as handle:
+        if str(path).endswith(".gz"):
+            # No file name in the gzip header: it would be the temporary one.
+            with gzip.GzipFile(filename="", mode="wb", compresslevel=1, fileobj=handle, mtime=0) as compressed:
+                image.to_file_map(image.make_file_map({"image": compressed}))
+        else:
+            image.to_file_map(image.make_file_map({"image": handle}))
 
 
 def load_json(path: str | os.PathLike) -> Any:

@@ -153,6 +153,52 @@ def test_bad_v2_datasets_fail_with_one_line(two_layouts, tmp_path, capsys, how, 
 
 
 # ---------------------------------------------------------------------------------------------
+# MSD dataset.json
+# ---------------------------------------------------------------------------------------------
+def break_msd(dataset: dict, how: str) -> None:
+    if how == "test entry without image":
+        dataset["test"][0] = {"img": dataset["test"][0]}
+    elif how == "test entry a number":
+        dataset["test"][0] = 7
+    elif how == "test not a list":
+        dataset["test"] = {"image": dataset["test"][0]}
+    elif how == "training image a number":
+        dataset["training"][1]["image"] = 5
+    elif how == "training entry without label":
+        del dataset["training"][0]["label"]
+    elif how == "training entry a string":
+        dataset["training"][0] = dataset["training"][0]["image"]
+    elif how == "modality key not a number":
+        dataset["modality"] = {"a": "MRI"}
+    elif how == "modality keys with a gap":
+        dataset["modality"] = {"0": "T1", "2": "T2"}
+
+
+@pytest.mark.parametrize("how, message", [
+    ("test entry without image", 'test entry 0 must be an image file or {"image": file}, got {"img": '),
+    ("test entry a number", "test entry 0 must be an image file"),
+    ("test not a list", "'test' must be a list"),
+    ("training image a number", 'training entry 1 must be {"image": file, "label": file}, got {"image": 5'),
+    ("training entry without label", "training entry 0 must be"),
+    ("training entry a string", "training entry 0 must be"),
+    ("modality key not a number", "the keys of 'modality' must be the channel numbers 0, got 'a'"),
+    ("modality keys with a gap", "the keys of 'modality' must be the channel numbers 0, 1, got '0', '2'"),
+])
+def test_bad_msd_datasets_fail_with_one_line_naming_the_entry(tmp_path, capsys, how, message):
+    cases = [blob_case(f"case_{i}", shape=(12, 10, 8), seed=i) for i in range(2)]
+    task = write_msd_task(tmp_path / "raw", "Task43_Bad", cases, [blob_case("unseen_0", shape=(12, 10, 8), seed=5)])
+    path = task.root / "dataset.json"
+    dataset = json.loads(path.read_text())
+    break_msd(dataset, how)
+    path.write_text(json.dumps(dataset))
+    assert preprocess.main(["--task", "43", "--data", str(tmp_path / "raw"), "--results", str(tmp_path / "out"),
+                            "--n_jobs", "1"]) == 1
+    error = capsys.readouterr().err.strip()
+    assert error.startswith(f"error: {path}: ") and message in error and "\n" not in error
+    assert not list((tmp_path / "out").rglob("*"))
+
+
+# ---------------------------------------------------------------------------------------------
 # Regions: declared in dataset.json, written to config.json, trained with --regions
 # ---------------------------------------------------------------------------------------------
 def test_regions_reach_the_config_from_both_layouts_and_train(synthetic_task, tmp_path):
@@ -300,6 +346,18 @@ def test_kits19_v1_recipe_and_test_cases(kits, tmp_path):
     test = preprocess_task(data, out, "kits19", exec_mode="test", kits_recipe="v1.0")
     assert sorted(p.name for p in test.folder.glob("*_x.npy")) == ["case_00300_x.npy"]
     assert np.load(test.folder / "case_00300_x.npy").shape == (1, 6, 12, 14)  # test cases are not padded
+
+
+def test_kits_recipe_v1_on_the_command_line(kits, tmp_path, capsys):
+    data, _ = kits
+    assert preprocess.main(["--task", "kits19", "--kits_recipe", "v1.0", "--data", str(data), "--results",
+                            str(tmp_path / "out"), "--n_jobs", "1"]) == 0
+    folder = tmp_path / "out" / "kits19_3d"
+    config = json.loads((folder / "config.json").read_text())
+    assert config["spacing"] == [1.6, 1.0, 1.0] and config["recipe"] == "v1.0"
+    assert sorted(p.name[:-len("_meta.json")] for p in folder.glob("*_meta.json")) == [
+        "case_00000", "case_00001", "case_00003"]  # case 15 is excluded by v1.0
+    assert "3 case(s) written" in capsys.readouterr().out
 
 
 def test_kits19_split_is_omitted_without_evaluation_cases(tmp_path):

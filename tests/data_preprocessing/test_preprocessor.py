@@ -1,6 +1,9 @@
 import base64
+import errno
 import gzip
 import json
+import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -10,14 +13,18 @@ import numpy as np
 import pytest
 
 import preprocess
+from data_preprocessing.layouts import CaseFiles
 from data_preprocessing.preprocessor import (
     PreprocessingError,
     nonzero_box,
     normalise,
     pad_to,
     preprocess_task,
+    run_parallel,
+    worker_pool,
 )
 from tests.factories import blob_case, write_msd_task
+from utils.io import WriteError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -185,6 +192,53 @@ def test_parallel_workers_give_the_same_arrays(isotropic_task, tmp_path):
         for suffix in ("_x.npy", "_y.npy"):
             np.testing.assert_array_equal(np.load(tmp_path / "one" / "42_3d" / f"{case.case_id}{suffix}"),
                                           np.load(tmp_path / "two" / "42_3d" / f"{case.case_id}{suffix}"))
+
+
+def test_overwrite_on_the_command_line_plans_again_and_redoes_every_case(isotropic_task, tmp_path, capsys):
+    argv = ["--task", "42", "--data", str(isotropic_task.root.parent), "--results", str(tmp_path / "out"),
+            "--n_jobs", "1"]
+    assert preprocess.main(argv) == 0
+    folder = tmp_path / "out" / "42_3d"
+    image_path, config_path = folder / "case_0_x.npy", folder / "config.json"
+    preprocessed, planned = np.load(image_path), json.loads(config_path.read_text())
+    np.save(image_path, np.zeros_like(preprocessed))  # complete, so only --overwrite replaces it
+    edited = {**planned, "batch_size": planned["batch_size"] + 1}  # an edit that leaves the cases valid
+    config_path.write_text(json.dumps(edited))
+    capsys.readouterr()
+
+    assert preprocess.main(argv) == 0
+    assert "0 case(s) written, 3 already done" in capsys.readouterr().out
+    assert not np.load(image_path).any() and json.loads(config_path.read_text()) == edited
+
+    assert preprocess.main([*argv, "--overwrite"]) == 0
+    assert "3 case(s) written, 0 already done" in capsys.readouterr().out
+    np.testing.assert_array_equal(np.load(image_path), preprocessed)
+    assert json.loads(config_path.read_text()) == planned  # planned again: the edit is gone
+
+
+def fail_to_write(case: CaseFiles) -> str:
+    raise WriteError(f"/out/{case.case_id}_x.npy", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+
+
+def die_on_case_1(case: CaseFiles) -> str:
+    if case.case_id == "case_1":
+        os.kill(os.getpid(), signal.SIGKILL)  # as the kernel does to a process that runs out of memory
+    return case.case_id
+
+
+def test_failures_in_workers_reach_the_parent_as_one_line_errors():
+    cases = [(CaseFiles(f"case_{i}", "x.nii.gz", None),) for i in range(2)]
+    with worker_pool(2) as pool:  # one pool for both checks: starting workers is the slow part
+        with pytest.raises(WriteError) as caught:
+            run_parallel(fail_to_write, cases, pool, "preprocessing Task42_Blobs")
+        assert str(caught.value) in {f"cannot write /out/case_{i}_x.npy: No space left on device" for i in range(2)}
+        assert caught.value.errno == errno.ENOSPC
+
+        # A worker killed from outside (out of memory) breaks the pool; the error names the case.
+        with pytest.raises(PreprocessingError) as caught:
+            run_parallel(die_on_case_1, cases, pool, "preprocessing Task42_Blobs")
+        message = str(caught.value)
+        assert "case_1" in message and "lower --n_jobs" in message and "\n" not in message
 
 
 def corrupt(task, case_id, how):

@@ -141,7 +141,7 @@ def test_extreme_intensity_outliers_stay_finite_and_keep_the_contrast(tmp_path, 
     for name, outliers in (("clean", False), ("hostile", True)):
         write_msd_task(tmp_path / name, "Task46_Bright", cases(outliers), modality={"0": modality})
         assert preprocess.main(["--task", "46", "--data", str(tmp_path / name), "--results",
-                                str(tmp_path / f"out_{name}")]) == 0
+                                str(tmp_path / f"out_{name}"), "--n_jobs", "1"]) == 0
     clean, hostile = (np.load(tmp_path / f"out_{name}" / "46_3d" / "case_0_x.npy") for name in ("clean", "hostile"))
     assert np.isfinite(hostile).all() and np.abs(hostile).max() < 50
     # Away from the four corrupt voxels the normalised image is the clean one, up to a small change of scale.
@@ -153,10 +153,10 @@ def test_extreme_intensity_outliers_stay_finite_and_keep_the_contrast(tmp_path, 
         assert all(np.isfinite(configs[1]["normalization"][0][key]) for key in ("mean", "std"))
         assert configs[1]["normalization"][0]["std"] == pytest.approx(configs[0]["normalization"][0]["std"], rel=0.05)
 
-    # The fence leaves ordinary images as they were without it.
+    # The fence leaves ordinary images as they were without it (one process: the patch applies to this one only).
     monkeypatch.setattr(preprocessor, "clip_outliers", lambda image, body: image)
     assert preprocess.main(["--task", "46", "--data", str(tmp_path / "clean"), "--results",
-                            str(tmp_path / "unfenced")]) == 0
+                            str(tmp_path / "unfenced"), "--n_jobs", "1"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "unfenced" / "46_3d" / "case_0_x.npy"), clean)
 
 
@@ -245,7 +245,8 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_partial_file(synthetic_
 def test_a_full_disk_while_preprocessing_leaves_no_partial_case(tmp_path, capsys, monkeypatch):
     cases = [blob_case(f"case_{i}", shape=(20, 18, 14), seed=i) for i in range(3)]
     write_msd_task(tmp_path / "raw", "Task48_Full", cases)
-    argv = ["--task", "48", "--data", str(tmp_path / "raw"), "--results", str(tmp_path / "out")]
+    # One process, so that the patched np.save below is the one that writes.
+    argv = ["--task", "48", "--data", str(tmp_path / "raw"), "--results", str(tmp_path / "out"), "--n_jobs", "1"]
     save, calls = np.save, []
 
     def fills_up(handle, array, *args, **kwargs):

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import errno
+import gzip
 import os
+import pickle
 import stat
 
+import nibabel as nib
 import numpy as np
 import pytest
 
@@ -19,6 +22,7 @@ from utils.io import (
     npy_problem,
     read_npy_header,
     save_json,
+    save_nifti,
     save_npy,
 )
 from utils.logger import DLLogger
@@ -62,6 +66,31 @@ def test_written_files_get_the_usual_mode_and_the_folder_is_synced(tmp_path, mon
     os.umask(umask)
     assert io.FILE_MODE == 0o666 & ~umask
     assert synced == [tmp_path]
+
+
+def test_a_write_error_survives_pickling():
+    error = WriteError("/out/case_0_x.npy", OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    copy = pickle.loads(pickle.dumps(error))  # as it crosses from a worker process to the parent
+    assert type(copy) is WriteError and str(copy) == "cannot write /out/case_0_x.npy: No space left on device"
+    assert (copy.path, copy.errno) == (error.path, errno.ENOSPC)
+
+
+@pytest.mark.parametrize("name", ["case.nii.gz", "case.nii"])
+def test_save_nifti_writes_what_nibabel_writes_and_nothing_on_failure(tmp_path, monkeypatch, name):
+    affine = np.diag([0.8, 0.8, 2.5, 1.0])
+    image = nib.Nifti1Image(np.arange(60, dtype=np.uint8).reshape(3, 4, 5), affine)
+    nib.save(image, str(tmp_path / f"reference_{name}"))
+    save_nifti(tmp_path / name, image)
+    written, reference = (tmp_path / name).read_bytes(), (tmp_path / f"reference_{name}").read_bytes()
+    if name.endswith(".gz"):
+        written, reference = gzip.decompress(written), gzip.decompress(reference)
+    assert written == reference
+    assert stat.S_IMODE((tmp_path / name).stat().st_mode) == io.FILE_MODE
+
+    monkeypatch.setattr(os, "replace", no_space)
+    with pytest.raises(WriteError, match=f"cannot write .*new_{name}: No space left on device"):
+        save_nifti(tmp_path / f"new_{name}", image)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([name, f"reference_{name}"])
 
 
 def test_check_writable_names_the_folder(tmp_path, monkeypatch):
