@@ -17,7 +17,6 @@ import json
 import math
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
@@ -26,8 +25,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_loading import dali_loader  # noqa: E402
 from data_loading.data_module import DataModule  # noqa: E402
-from utils.args import Formatter, default_workers, main_parser, positive_int, probability  # noqa: E402
-from utils.logger import latency_summary  # noqa: E402
+from utils.args import (  # noqa: E402
+    Formatter,
+    default_workers,
+    main_parser,
+    non_negative_int,
+    positive_int,
+    probability,
+)
+from utils.errors import UserError  # noqa: E402
+from utils.logger import latency_summary, time_batches  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -37,7 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--num_workers", type=positive_int, default=default_workers(),
                         help="DALI threads, and MONAI DataLoader worker processes")
     parser.add_argument("--batches", type=positive_int, default=20, help="timed batches")
-    parser.add_argument("--warmup", type=int, default=3, help="batches before timing starts")
+    parser.add_argument("--warmup", type=non_negative_int, default=3, help="batches before timing starts")
     parser.add_argument("--oversampling", type=probability, default=0.4, help="foreground probability of a patch")
     parser.add_argument("--cases", type=positive_int, default=8, help="synthetic cases (without --data)")
     parser.add_argument("--shape", type=positive_int, nargs=3, default=[144, 144, 144],
@@ -132,19 +139,12 @@ def endless(loader):
 
 def measure(loader, warmup: int, batches: int, batch_size: int) -> dict[str, float]:
     """Patches/s and batch latency (ms) over `batches` batches after `warmup` batches."""
-    iterator = endless(loader)
-    for _ in range(warmup):
-        next(iterator)
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        next(iterator)
-        times.append(time.perf_counter() - start)
-    return latency_summary(times, batch_size)
+    # MONAI's loader stops after one pass over the cases; DALI's gives exactly warmup + batches.
+    return latency_summary(time_batches(endless(loader), warmup, batches), batch_size)
 
 
-def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
-    args = parse_args(argv)
+def compare(args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    """Time the loaders of `args.loaders`, print the table, and return each loader's `latency_summary`."""
     with tempfile.TemporaryDirectory(prefix="loader_benchmark_") as scratch:
         if args.data:
             data = Path(args.data)
@@ -171,5 +171,14 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     return results
 
 
+def main(argv: list[str] | None = None) -> int:
+    try:
+        compare(parse_args(argv))
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

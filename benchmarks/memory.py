@@ -23,10 +23,8 @@ import ctypes
 import json
 import math
 import os
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -35,13 +33,14 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.measure import run_measured  # noqa: E402
 from utils.args import Formatter, non_negative_int, positive_int  # noqa: E402
 
 MIB = 2**20
 BIG_SPACING = (0.8, 0.8, 1.0)  # (sx, sy, sz) mm: resampled in-plane to the small cases' 1 mm
 # Runs preprocess.py and prints its own peak RSS (VmHWM; getrusage's figure for the process itself also counts
 # memory of the workers it spawned, measured here at 2 GB for a parent that never held more than 0.25 GB) and its
-# largest child's (getrusage), in KiB, as one JSON line.
+# largest child's (getrusage), in KiB, as one JSON line (on a line of its own: stderr shares the pipe).
 MEASURED_RUN = """
 import json, resource, sys
 sys.path.insert(0, sys.argv[1])
@@ -50,7 +49,7 @@ code = preprocess.main(sys.argv[2:])
 with open("/proc/self/status") as handle:
     own = next(int(line.split()[1]) for line in handle if line.startswith("VmHWM:"))
 children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-print("PEAK " + json.dumps({"code": code, "parent_kb": own, "worker_kb": children}))
+print("\\nPEAK " + json.dumps({"code": code, "parent_kb": own, "worker_kb": children}))
 """
 
 
@@ -113,48 +112,18 @@ def write_task(root: Path, cases: int, size: int, big: list[int]) -> Path:
 # ---------------------------------------------------------------------------------------------
 # Measuring a process tree
 # ---------------------------------------------------------------------------------------------
-def tree_rss(pid: int) -> int:
-    """Resident bytes of `pid` and all its descendants now (Linux /proc; 0 where it is unavailable)."""
-    total, todo = 0, [pid]
-    while todo:
-        current = todo.pop()
-        try:
-            with open(f"/proc/{current}/status") as handle:
-                for line in handle:
-                    if line.startswith("VmRSS:"):
-                        total += int(line.split()[1]) * 1024
-            with open(f"/proc/{current}/task/{current}/children") as handle:
-                todo += [int(child) for child in handle.read().split()]
-        except (OSError, ValueError):
-            continue
-    return total
-
-
 def measure_preprocess(task_parent: Path, results: Path, jobs: int) -> dict:
     """Run preprocess.py with --n_jobs `jobs` in a fresh process; peaks in bytes and the wall time in s."""
     command = [sys.executable, "-c", MEASURED_RUN, str(ROOT), "--task", "77", "--dim", "3", "--data",
                str(task_parent), "--results", str(results), "--n_jobs", str(jobs)]
-    start = time.perf_counter()
-    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    peak_tree = 0
-    done = threading.Event()
-
-    def sample() -> None:
-        nonlocal peak_tree
-        while not done.wait(0.02):
-            peak_tree = max(peak_tree, tree_rss(process.pid))
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    out, err = process.communicate()
-    done.set()
-    sampler.join()
-    peaks = [json.loads(line[len("PEAK "):]) for line in out.splitlines() if line.startswith("PEAK ")]
-    if process.returncode != 0 or not peaks or peaks[0]["code"] != 0:
-        raise RuntimeError(f"preprocess.py --n_jobs {jobs} failed: {err.strip().splitlines()[-1:] or out}")
+    run = run_measured(command, cwd=str(ROOT))
+    lines = run.output.strip().splitlines()
+    peaks = [json.loads(line[len("PEAK "):]) for line in lines if line.startswith("PEAK ")]
+    if run.returncode != 0 or not peaks or peaks[0]["code"] != 0:
+        raise RuntimeError(f"preprocess.py --n_jobs {jobs} failed: {lines[-1] if lines else 'no output'}")
     kib = 1024  # ru_maxrss is in KiB on Linux
     return {"jobs": jobs, "parent": peaks[0]["parent_kb"] * kib, "worker": peaks[0]["worker_kb"] * kib if jobs > 1
-            else 0, "tree": peak_tree, "seconds": time.perf_counter() - start}
+            else 0, "tree": run.peak_rss, "seconds": run.seconds}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.measure import Comparison, format_table  # noqa: E402
-from utils.args import Formatter, overlap_fraction, positive_int  # noqa: E402
+from utils.args import Formatter, non_negative_int, overlap_fraction, positive_int  # noqa: E402
 from utils.io import save_json  # noqa: E402
 
 STAGES = ("preprocess", "loader", "train", "predict")
@@ -51,14 +51,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     synthetic.add_argument("--num_workers", type=positive_int, default=2,
                            help="loader: DALI threads and MONAI worker processes")
     synthetic.add_argument("--loader_batches", type=positive_int, default=20, help="loader: timed batches per round")
-    synthetic.add_argument("--loader_warmup", type=int, default=3, help="loader: untimed batches per round")
+    synthetic.add_argument("--loader_warmup", type=non_negative_int, default=3,
+                           help="loader: untimed batches per round")
     models = parser.add_argument_group("train and predict: random volumes with an MSD task's plan")
     models.add_argument("--task", default="04", help="MSD task 01-10 whose 3D plan sets patch size and spacing")
     models.add_argument("--filters", type=positive_int, nargs="+", default=None,
                         help="channels per level (default: nnU-Net's 32, 64, 128, ...)")
     models.add_argument("--batch_size", type=positive_int, default=2, help="patches per batch (train, loader)")
     models.add_argument("--steps", type=positive_int, default=5, help="train: timed steps per round")
-    models.add_argument("--warmup", type=int, default=2, help="train: untimed steps per round")
+    models.add_argument("--warmup", type=non_negative_int, default=2, help="train: untimed steps per round")
     models.add_argument("--overlap", type=overlap_fraction, default=0.5, help="predict: window overlap")
     models.add_argument("--amp", action="store_true",
                         help="bf16 autocast for ours (main.py --amp) and MONAI; nnU-Net v2 stays float32 on the CPU")

@@ -342,10 +342,16 @@ class DataModule(pl.LightningDataModule):
                     seed=(self.seed + RANK_SEED_STRIDE * self.rank) % 2**31, prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
 
     def _volumes_per_step(self) -> tuple[int, list[int]]:
-        """Volumes drawn per step and the crop of each: the patch in 3D, a slab (S, H, W) in 2D."""
-        if self.dim == 2:
-            return self.args.nvol, [self.args.batch_size // self.args.nvol, *self.patch_size]
-        return self.args.batch_size, list(self.patch_size)
+        """Volumes drawn per step and the crop of each: the patch in 3D, a slab (S, H, W) in 2D.
+
+        In 2D, training draws --nvol volumes of batch_size // nvol slices each; prediction patches
+        (the predict benchmark) have no labels to spread over volumes, so each of batch_size volumes
+        gives one slice.
+        """
+        if self.dim == 3:
+            return self.args.batch_size, list(self.patch_size)
+        volumes = self.args.batch_size if self.predicting else self.args.nvol
+        return volumes, [self.args.batch_size // volumes, *self.patch_size]
 
     def _training_loader(self) -> DaliLoader:
         volumes, crop_shape = self._volumes_per_step()

@@ -12,6 +12,9 @@ reused every step so that only the model is timed.
 A training step is a full one (forward, loss, backward, optimizer step); a prediction step is the network's
 forward pass on a batch of `--batch_size` patches, as in NVIDIA's reference. Sliding-window inference of a
 whole volume is that forward pass repeated over the windows, plus the blending.
+
+`benchmark_loader` (`scripts/benchmark.py --mode loader`) times the training loader of `--data` alone, with
+its augmentations, in patches/s.
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ from nnunet.nn_unet import NNUnet, network_patch_size
 from nnunet.run import accelerator, build_trainer, load_task_config, model_from_checkpoint
 from utils.errors import UserError
 from utils.io import save_json
-from utils.logger import DLLogger, latency_summary
+from utils.logger import DLLogger, latency_summary, time_batches
 
 PERF_FILE = "perf.json"
 
@@ -239,6 +242,35 @@ def benchmark(args: Namespace) -> dict:
               f"{record['steps']} steps after {record['warmup']}): {record['throughput']:.2f} img/s, "
               f"{latency_line(record)}", flush=True)
         write_record(record, Path(args.results), args.logname)
+    return record
+
+
+def benchmark_loader(args: Namespace) -> dict:
+    """Patches/s and latency (ms) of the training loader of --data, fold --fold; written to RESULTS/perf.json.
+
+    Args:
+        args: main.py arguments; train_batches timed batches follow warmup untimed ones.
+
+    Returns:
+        The perf.json record: mode ("loader"), device, num_workers, dim, patch_size, batch_size, warmup, steps,
+        data, throughput (patches/s), latency_mean and latency_90/95/99 (ms).
+    """
+    args.exec_mode = "train"
+    timed = args.train_batches
+    args.train_batches = args.warmup + timed  # the loader's epoch: warmup, then the timed batches
+    module = DataModule(args)
+    module.setup("fit")
+    try:
+        seconds = time_batches(module.train_dataloader(), args.warmup, timed)
+    finally:
+        module.teardown()
+    record = {"mode": "loader", "device": module.device.kind, "num_workers": args.num_workers, "dim": module.dim,
+              "patch_size": module.patch_size, "batch_size": args.batch_size, "warmup": args.warmup, "steps": timed,
+              "data": str(args.data), **latency_summary(seconds, args.batch_size)}
+    print(f"loader benchmark ({module.device.kind}, {args.num_workers} threads, {module.dim}D patch "
+          f"{module.patch_size}, batch {args.batch_size}, {timed} batches after {args.warmup}): "
+          f"{record['throughput']:.2f} patches/s, {latency_line(record)}", flush=True)
+    write_record(record, Path(args.results), args.logname)
     return record
 
 

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
-from collections.abc import Iterable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,52 +61,12 @@ def build_command(args: argparse.Namespace, main_flags: list[str]) -> list[str]:
             *main_flags]
 
 
-def time_batches(loader: Iterable, warmup: int, batches: int) -> list[float]:
-    """Seconds to fetch each of `batches` batches after `warmup` untimed ones."""
-    iterator = iter(loader)
-    for _ in range(warmup):
-        next(iterator)
-    times = []
-    for _ in range(batches):
-        start = time.perf_counter()
-        next(iterator)
-        times.append(time.perf_counter() - start)
-    return times
-
-
-def benchmark_loader(args: argparse.Namespace) -> dict:
-    """Patches/s and latency (ms) of the training loader of --data, fold --fold; written to RESULTS/perf.json.
-
-    Args:
-        args: main.py arguments; train_batches timed batches follow warmup untimed ones.
-    """
-    from data_loading.data_module import DataModule
-    from nnunet.benchmark import latency_line, write_record
-    from utils.logger import latency_summary
-
-    args.exec_mode = "train"
-    timed = args.train_batches
-    args.train_batches = args.warmup + timed  # the loader's epoch: warmup, then the timed batches
-    module = DataModule(args)
-    module.setup("fit")
-    try:
-        seconds = time_batches(module.train_dataloader(), args.warmup, timed)
-    finally:
-        module.teardown()
-    record = {"mode": "loader", "device": module.device.kind, "num_workers": args.num_workers, "dim": module.dim,
-              "patch_size": module.patch_size, "batch_size": args.batch_size, "warmup": args.warmup, "steps": timed,
-              "data": str(args.data), **latency_summary(seconds, args.batch_size)}
-    print(f"loader benchmark ({module.device.kind}, {args.num_workers} threads, {module.dim}D patch "
-          f"{module.patch_size}, batch {args.batch_size}, {timed} batches after {args.warmup}): "
-          f"{record['throughput']:.2f} patches/s, {latency_line(record)}", flush=True)
-    write_record(record, Path(args.results), args.logname)
-    return record
-
-
 def main(argv: list[str] | None = None) -> int:
     args, main_flags = benchmark_parser().parse_known_args(argv)
     if args.mode == "loader":
         main_args = parse_main_args([*main_flags, *timed_flags(args)])
+        from nnunet.benchmark import benchmark_loader  # torch and DALI: only in the mode that uses them
+
         try:
             benchmark_loader(main_args)
         except UserError as error:

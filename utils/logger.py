@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -107,6 +107,22 @@ def read_logs(path: str | os.PathLike) -> list[dict]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def time_batches(loader: Iterable, warmup: int, batches: int) -> list[float]:
+    """Seconds to fetch each of `batches` batches of `loader` (a loader or an iterator) after `warmup` untimed ones.
+
+    The loader must give at least `warmup + batches` batches; wrap one with fewer in an endless iterator.
+    """
+    iterator = iter(loader)
+    for _ in range(warmup):
+        next(iterator)
+    times = []
+    for _ in range(batches):
+        start = time.perf_counter()
+        next(iterator)
+        times.append(time.perf_counter() - start)
+    return times
 
 
 def latency_summary(step_seconds: Sequence[float], images_per_step: int) -> dict[str, float]:

@@ -58,3 +58,10 @@ def test_amp_runs_ours_and_monai_in_bf16(tmp_path: Path, stage: str) -> None:
     assert len(monai.ours) == len(monai.theirs) == 1 and monai.ratios[0] > 0
     if stage == "train":
         assert json.loads((tmp_path / "ours_train" / "perf.json").read_text())["amp"] is True
+
+
+@pytest.mark.parametrize("flag", ["--warmup", "--loader_warmup"])
+def test_a_negative_warmup_is_refused(capsys, flag: str) -> None:
+    with pytest.raises(SystemExit) as stop:
+        run_all.parse_args([flag, "-1"])
+    assert stop.value.code == 2 and flag in capsys.readouterr().err

@@ -16,6 +16,7 @@ import torch
 
 from data_loading.data_module import SPLIT_SEED, DataModule, split_cases
 from tests.data_loading.conftest import PATCH, SHAPE, indexed_image, make_args, write_case, write_config
+from utils.args import parse_main_args
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -185,6 +186,56 @@ def test_benchmark_loaders(make_task) -> None:
                 "--batch_size", "3")
     test = list(dm.test_dataloader())
     assert len(test) == 5 and test[0]["image"].shape == (3, 2, *PATCH) and set(test[0]) == {"image"}
+
+
+@pytest.mark.parametrize("batch_size", [2, 6])
+def test_2d_predict_benchmark_batches_hold_batch_size_slices(synthetic_task, batch_size: int) -> None:
+    # --nvol (default 4) only splits training batches; prediction patches are one slice of each volume.
+    data = synthetic_task.preprocessed(2)
+    dm = DataModule(parse_main_args(["--benchmark", "--exec_mode", "predict", "--data", str(data), "--dim", "2",
+                                     "--batch_size", str(batch_size), "--test_batches", "2", "--warmup", "1",
+                                     "--num_workers", "1", "--seed", "0"]))
+    dm.setup("predict")
+    channels, patch = dm.config["in_channels"], dm.patch_size
+    assert [tuple(b["image"].shape) for b in dm.predict_dataloader()] == [(batch_size, channels, *patch)] * 3
+
+
+def foreground_per_patch(data: Path, oversampling: str) -> list[bool]:
+    """Whether each training patch of 8 batches of 2 (seed 0) holds any foreground."""
+    loader = module(data, "--nfolds", "2", "--batch_size", "2", "--train_batches", "8", "--oversampling",
+                    oversampling, "--seed", "0").train_dataloader()
+    return [bool(label.amax() > 0) for batch in loader for label in batch["label"]]
+
+
+def test_oversampling_flag_sets_the_foreground_patches(make_task, monkeypatch) -> None:
+    from data_loading import dali_loader
+
+    # Zoom, rotation and scaling can move the blob out of a patch; flips and intensity changes cannot.
+    for name in ("ZOOM_PROB", "ROTATION_PROB", "SCALE_PROB"):
+        monkeypatch.setattr(dali_loader, name, 0.0)
+    data = make_task(n_cases=4)
+    always = foreground_per_patch(data, "1.0")
+    assert len(always) == 16 and all(always)
+    # A uniform 16^3 patch holds the 2^3 blob about one time in five: with this seed some of 16 patches miss it.
+    assert not all(foreground_per_patch(data, "0"))
+
+
+def test_pipelines_run_num_workers_threads(make_task, monkeypatch) -> None:
+    from data_loading import data_module
+
+    built = []
+    for name in ("training_pipeline", "benchmark_pipeline", "volume_pipeline"):
+        def record(*args, _build=getattr(data_module, name), **kwargs):
+            built.append(_build(*args, **kwargs))
+            return built[-1]
+
+        monkeypatch.setattr(data_module, name, record)
+    data = make_task(n_cases=4, test_cases=1)
+    dm = module(data, "--nfolds", "2", "--num_workers", "3")
+    dm.train_dataloader(), dm.val_dataloader()
+    module(data, "--nfolds", "2", "--num_workers", "3", "--benchmark").train_dataloader()
+    module(data, "--exec_mode", "predict", "--num_workers", "3").predict_dataloader()
+    assert len(built) == 4 and [pipeline.num_threads for pipeline in built] == [3] * 4
 
 
 def test_no_rotation_flag_turns_rotation_off(make_task, monkeypatch) -> None:

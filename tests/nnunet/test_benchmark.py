@@ -11,9 +11,11 @@ import torch
 
 import main
 from nnunet import benchmark as benchmark_module
-from nnunet.benchmark import PERF_FILE, RandomBatches, StepTimer, random_batch, task_plan
+from nnunet.benchmark import PERF_FILE, RandomBatches, StepTimer, benchmark_loader, random_batch, task_plan
 from tests.conftest import TINY_FILTERS
-from utils.logger import read_logs
+from utils import logger
+from utils.args import parse_main_args
+from utils.logger import read_logs, time_batches
 
 KEYS = {"mode", "device", "devices", "dim", "patch_size", "in_channels", "batch_size", "global_batch_size", "amp",
         "warmup", "steps", "data", "throughput", "latency_mean", "latency_90", "latency_95", "latency_99"}
@@ -157,3 +159,28 @@ def test_two_processes_report_the_global_batch(tmp_path: Path) -> None:
     assert record["devices"] == 2 and record["batch_size"] == 4
     check_record(record, steps=2, batch=8)
     assert result.stdout.count("train benchmark (") == 1  # reported by rank 0 only
+
+
+def test_task_without_benchmark_is_refused(capsys) -> None:
+    with pytest.raises(SystemExit) as stop:
+        parse_main_args(["--exec_mode", "train", "--task", "04"])
+    assert stop.value.code == 2 and "--task needs --benchmark" in capsys.readouterr().err
+
+
+def test_time_batches_times_only_the_batches_after_the_warmup(monkeypatch) -> None:
+    clock = iter([10.0, 10.5, 11.0, 13.0])
+    monkeypatch.setattr(logger.time, "perf_counter", lambda: next(clock))
+    batches = iter(range(10))
+    assert time_batches(batches, warmup=3, batches=2) == [0.5, 2.0]
+    assert next(batches) == 5  # 3 untimed and 2 timed batches were fetched
+
+
+def test_loader_benchmark_writes_its_record(synthetic_task, tmp_path: Path, capsys) -> None:
+    args = parse_main_args(["--data", str(synthetic_task.preprocessed(3)), "--results", str(tmp_path),
+                            "--train_batches", "3", "--warmup", "1", "--batch_size", "2", "--nfolds", "4",
+                            "--num_workers", "1", "--seed", "0"])
+    record = benchmark_loader(args)
+    assert record == json.loads((tmp_path / PERF_FILE).read_text())
+    assert record["mode"] == "loader" and record["steps"] == 3 and record["warmup"] == 1
+    assert record["throughput"] == pytest.approx(2 / (record["latency_mean"] / 1000))
+    assert "patches/s" in capsys.readouterr().out

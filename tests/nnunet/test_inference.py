@@ -1,6 +1,7 @@
 """Sliding windows, 2D slice stacking and flip test-time augmentation."""
 
 import itertools
+from typing import NamedTuple
 
 import numpy as np
 import pytest
@@ -58,27 +59,35 @@ def test_flip_combinations():
     assert flip_axes(2) == [(), (2,), (3,), (2, 3)]
 
 
-@pytest.mark.parametrize("dim", [3, 2])
-def test_tta_leaves_a_flip_equivariant_network_unchanged(dim):
+class TTACase(NamedTuple):
+    network: torch.nn.Module
+    volume: torch.Tensor  # (1, 2, 6, 8, 10)
+    patch: list[int]  # the whole volume: one window
+    plain: torch.Tensor  # softmax probabilities without TTA
+    augmented: torch.Tensor  # ... and with it
+
+
+def tta_case(network_type: type[Pointwise], dim: int) -> TTACase:
+    """A seeded `network_type(dim)` and one volume, predicted with and without flip TTA."""
     torch.manual_seed(0)
-    network = Pointwise(dim)
+    network = network_type(dim)
     volume = torch.randn(1, 2, 6, 8, 10)
     patch = [6, 8, 10][-dim:]
     with torch.no_grad():
         plain = predict_volume(network, volume, patch, activation="softmax")
         augmented = predict_volume(network, volume, patch, activation="softmax", tta=True)
-    torch.testing.assert_close(augmented, plain, atol=1e-5, rtol=1e-5)
+    return TTACase(network, volume, patch, plain, augmented)
+
+
+@pytest.mark.parametrize("dim", [3, 2])
+def test_tta_leaves_a_flip_equivariant_network_unchanged(dim):
+    case = tta_case(Pointwise, dim)
+    torch.testing.assert_close(case.augmented, case.plain, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("dim", [3, 2])
 def test_tta_averages_the_flipped_predictions_of_other_networks(dim):
-    torch.manual_seed(0)
-    network = Positional(dim)
-    volume = torch.randn(1, 2, 6, 8, 10)
-    patch = [6, 8, 10][-dim:]
-    with torch.no_grad():
-        plain = predict_volume(network, volume, patch, activation="softmax")
-        augmented = predict_volume(network, volume, patch, activation="softmax", tta=True)
+    network, volume, patch, plain, augmented = tta_case(Positional, dim)
     # By hand in numpy: flip the input, predict, flip back, average over every subset of spatial axes.
     array = volume.numpy()
     spatial = [2, 3, 4][-dim:]
@@ -97,3 +106,26 @@ def test_tta_averages_the_flipped_predictions_of_other_networks(dim):
 def test_tta_needs_an_activation():
     with pytest.raises(ValueError):
         predict_volume(Pointwise(3), torch.zeros(1, 2, 4, 4, 4), [4, 4, 4], tta=True)
+
+
+def ramp_network(calls: list[int]):
+    """Outputs a ramp along the window's last axis, so overlapping windows disagree; records batch sizes."""
+    def network(x):
+        calls.append(x.shape[0])
+        return torch.linspace(0, 1, x.shape[-1]).expand(x.shape[0], 1, *x.shape[2:]).clone()
+    return network
+
+
+@pytest.mark.parametrize("overlap, windows", [(0.0, 2), (0.5, 3)])
+def test_overlap_sets_the_number_of_windows(overlap, windows):
+    calls = []
+    predict_volume(ramp_network(calls), torch.zeros(1, 1, 8, 8, 16), [8, 8, 8], overlap=overlap, batch_size=1)
+    assert len(calls) == windows
+
+
+def test_blend_weights_overlapping_windows():
+    outputs = {blend: predict_volume(ramp_network([]), torch.zeros(1, 1, 8, 8, 16), [8, 8, 8], overlap=0.5,
+                                     blend=blend, batch_size=1)[0, 0, 4, 4] for blend in ("constant", "gaussian")}
+    # Voxel 6 lies in the first window (ramp value 6/7) and the second (2/7): constant weights average them.
+    assert outputs["constant"][6].item() == pytest.approx((6 / 7 + 2 / 7) / 2)
+    assert not torch.allclose(outputs["constant"], outputs["gaussian"])
