@@ -29,6 +29,7 @@ import torch
 
 from nnunet.metrics import class_counts, dice_from_counts, hd95
 from utils.errors import UserError
+from utils.io import atomic_open
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Affines are stored as float32 in NIfTI headers; differences below these tolerances are rounding.
@@ -377,34 +378,19 @@ def results_json(results: Mapping[str, Any]) -> str:
 
 
 def write_results(results: Mapping[str, Any], prefix: str | os.PathLike) -> tuple[Path, Path]:
-    """Write `PREFIX.csv` and `PREFIX.json`, each complete or not at all (temporary name, then rename).
+    """Write `PREFIX.csv` and `PREFIX.json`, each complete or not at all (`utils.io.atomic_open`).
 
     Returns:
         The CSV and JSON paths.
 
     Raises:
-        EvaluationError: if the files cannot be written.
+        WriteError: if a file cannot be written (one line naming it).
     """
     prefix = Path(prefix)
-    outputs = {
-        prefix.with_name(prefix.name + ".csv"): results_csv(results),
-        prefix.with_name(prefix.name + ".json"): results_json(results),
-    }
-    temporaries: list[Path] = []
-    try:
-        prefix.parent.mkdir(parents=True, exist_ok=True)
-        for path, text in outputs.items():
-            temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-            temporaries.append(temporary)
-            temporary.write_text(text, encoding="utf-8")
-        for temporary, path in zip(temporaries, outputs):
-            os.replace(temporary, path)
-    except OSError as error:
-        raise EvaluationError(f"cannot write the results to {prefix}.csv/.json: {_one_line(error)}") from error
-    finally:
-        for temporary in temporaries:
-            temporary.unlink(missing_ok=True)
-    csv_path, json_path = outputs
+    csv_path, json_path = prefix.with_name(prefix.name + ".csv"), prefix.with_name(prefix.name + ".json")
+    for path, text in ((csv_path, results_csv(results)), (json_path, results_json(results))):
+        with atomic_open(path, "w") as handle:
+            handle.write(text)
     return csv_path, json_path
 
 

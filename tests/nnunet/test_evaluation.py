@@ -14,7 +14,9 @@ import nibabel as nib
 import numpy as np
 import pytest
 
+import evaluate
 from nnunet.evaluation import EvaluationError, evaluate_folder, read_dataset_labels, write_results
+from utils.io import WriteError
 
 REPO = Path(__file__).resolve().parents[2]
 SHAPE = (6, 7, 5)
@@ -207,7 +209,7 @@ def test_write_results_leaves_nothing_when_it_cannot_write(task, tmp_path):
     results = evaluate_folder(preds, labels)
     blocker = tmp_path / "blocker"
     blocker.write_text("a file where a folder is needed")
-    with pytest.raises(EvaluationError, match="cannot write"):
+    with pytest.raises(WriteError, match="cannot write"):
         write_results(results, blocker / "evaluation")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["blocker", "labels", "preds"]
 
@@ -296,6 +298,11 @@ def test_predicted_only_scores_the_cases_that_have_a_prediction(task):
         evaluate_folder(preds, labels)
     results = evaluate_folder(preds, labels, predicted_only=True)
     assert [case["case_id"] for case in results["cases"]] == ["case_a", "case_b"]
+    # The same through evaluate.py's flag.
+    assert evaluate.main(["--preds", str(preds), "--lbls", str(labels)]) == 1
+    assert evaluate.main(["--preds", str(preds), "--lbls", str(labels), "--predicted_only"]) == 0
+    written = json.loads((preds / "evaluation.json").read_text())
+    assert [case["case_id"] for case in written["cases"]] == ["case_a", "case_b"]
     for path in preds.glob("*.nii.gz"):
         path.unlink()
     with pytest.raises(EvaluationError, match="none of the predictions"):
