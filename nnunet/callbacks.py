@@ -36,6 +36,9 @@ class CheckpointSaver(pl.Callback):
     """Saves `last.ckpt` after every training epoch and `best.ckpt` when the mean Dice improved.
 
     Runs after the epoch's validation, so both carry that epoch's metrics and early-stopping state.
+    Not Lightning's `ModelCheckpoint`: that needs two instances for the two files, and with a monitor it
+    warns, or fails, on epochs whose validation logged no Dice (`--skip_first_n_eval`, `--eval_every`); here
+    "best" is the module's own best Dice, which is also what resuming restores.
     """
 
     def __init__(self, dirpath: str | os.PathLike) -> None:

@@ -57,7 +57,8 @@ class MLPerfReport:
 
 
 class QualityThreshold(pl.Callback):
-    """Stops training after the evaluation whose mean Dice reaches `threshold`."""
+    """Stops training after the evaluation whose mean Dice reaches `threshold` (>=, as the reference does;
+    Lightning's `EarlyStopping(stopping_threshold=...)` stops only above it) and says whether it was reached."""
 
     def __init__(self, threshold: float) -> None:
         self.threshold = threshold
@@ -90,14 +91,19 @@ class QualityThreshold(pl.Callback):
 class MLPerfLogger(pl.Callback):
     """MLPerf-compliant events written with the `mlperf-logging` package (rank 0 only).
 
+    The log holds what the training rules (UNet3D, closed division) ask for: submission, init and run
+    start and stop with the run's status, hyper-parameters, epochs, and evaluations with their accuracy.
+    The submitter fields come from the environment (MLPERF_SUBMISSION_ORG, _PLATFORM, _DIVISION, _STATUS).
+
     Args:
         path: the log file.
         args: the run's arguments (for the hyper-parameter events).
         n_train, n_val: training and evaluation cases.
+        patch_size: the network's window, the training and validation input shape.
         threshold: the quality target; the run's status is "success" once it is reached.
     """
 
-    def __init__(self, path: str | os.PathLike, args: Any, n_train: int, n_val: int,
+    def __init__(self, path: str | os.PathLike, args: Any, n_train: int, n_val: int, patch_size: list[int],
                  threshold: float | None) -> None:
         try:
             from mlperf_logging import mllog
@@ -106,6 +112,7 @@ class MLPerfLogger(pl.Callback):
         self.path = str(path)
         self.args = args
         self.counts = (n_train, n_val)
+        self.patch_size = list(patch_size)
         self.threshold = threshold
         self.mllog = mllog
         self.logger = None
@@ -114,25 +121,46 @@ class MLPerfLogger(pl.Callback):
         if self.logger is not None:
             getattr(self.logger, kind)(key=key, value=value, metadata=metadata)
 
+    def _epoch(self, trainer: pl.Trainer) -> dict[str, int]:
+        return {self.mllog.constants.EPOCH_NUM: trainer.current_epoch + 1}
+
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
             return
         constants = self.mllog.constants
-        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self.mllog.config(filename=self.path)
         self.logger = self.mllog.get_mllogger()
         args = self.args
-        self._log("event", constants.SUBMISSION_BENCHMARK, constants.UNET3D)
-        self._log("event", constants.CACHE_CLEAR, True)
-        self._log("start", constants.INIT_START)
+        multistep = args.scheduler == "multistep"
+        environment = os.environ.get
         for key, value in (
-            (constants.SEED, args.seed),
+            (constants.SUBMISSION_BENCHMARK, constants.UNET3D),
+            (constants.SUBMISSION_ORG, environment("MLPERF_SUBMISSION_ORG", "unknown")),
+            (constants.SUBMISSION_PLATFORM, environment("MLPERF_SUBMISSION_PLATFORM",
+                                                        f"{trainer.world_size}x{trainer.strategy.root_device.type}")),
+            (constants.SUBMISSION_DIVISION, environment("MLPERF_SUBMISSION_DIVISION", constants.CLOSED)),
+            (constants.SUBMISSION_STATUS, environment("MLPERF_SUBMISSION_STATUS", constants.ONPREM)),
+            (constants.CACHE_CLEAR, True),
+        ):
+            self._log("event", key, value)
+        self._log("start", constants.INIT_START)
+        seed = args.seed if args.seed is not None else getattr(trainer.datamodule, "seed", None)
+        # The last five keys are the UNet3D rules' own; the package has no constants for them.
+        for key, value in (
+            (constants.SEED, seed),
             (constants.GLOBAL_BATCH_SIZE, args.batch_size * trainer.world_size),
             (constants.GRADIENT_ACCUMULATION_STEPS, 1),
             (constants.OPT_NAME, args.optimizer),
             (constants.OPT_BASE_LR, args.learning_rate),
             (constants.OPT_LR_WARMUP_EPOCHS, args.lr_warmup_epochs),
+            (constants.OPT_LR_DECAY_BOUNDARY_EPOCHS, list(args.lr_steps or []) if multistep else []),
+            (constants.OPT_LR_DECAY_FACTOR, args.lr_gamma if multistep else 1.0),
             (constants.OPT_WEIGHT_DECAY, args.weight_decay),
+            ("opt_momentum", args.momentum),
+            ("oversampling", args.oversampling),
+            ("training_input_shape", self.patch_size),
+            ("validation_input_shape", self.patch_size),
+            ("validation_overlap", args.overlap),
             (constants.TRAIN_SAMPLES, self.counts[0]),
             (constants.EVAL_SAMPLES, self.counts[1]),
         ):
@@ -141,20 +169,21 @@ class MLPerfLogger(pl.Callback):
         self._log("start", constants.RUN_START)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = {self.mllog.constants.EPOCH_NUM: trainer.current_epoch + 1}
-        self._log("start", self.mllog.constants.EPOCH_START, metadata=epoch)
+        self._log("start", self.mllog.constants.EPOCH_START, metadata=self._epoch(trainer))
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._log("start", self.mllog.constants.EVAL_START, metadata=self._epoch(trainer))
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.sanity_checking or "dice_mean" not in pl_module.epoch_metrics:
             return
         constants = self.mllog.constants
-        epoch = trainer.current_epoch + 1
-        self._log("event", constants.EVAL_ACCURACY, {"epoch": epoch, "value": pl_module.epoch_metrics["dice_mean"]},
-                  {constants.EPOCH_NUM: epoch})
+        self._log("event", constants.EVAL_ACCURACY, pl_module.epoch_metrics["dice_mean"], self._epoch(trainer))
+        self._log("end", constants.EVAL_STOP, metadata=self._epoch(trainer))
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        epoch = {self.mllog.constants.EPOCH_NUM: trainer.current_epoch + 1}
-        self._log("end", self.mllog.constants.EPOCH_STOP, metadata=epoch)
+        self._log("end", self.mllog.constants.EPOCH_STOP, metadata=self._epoch(trainer))
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         constants = self.mllog.constants

@@ -115,8 +115,15 @@ class NNUnet(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     # Training
     # ------------------------------------------------------------------------------------------
+    def on_fit_start(self) -> None:
+        self._val_limit = self.trainer.limit_val_batches
+
     def on_train_epoch_start(self) -> None:
         self.epoch_metrics = {}
+        if self.args.skip_first_n_eval:
+            # Epochs before the first evaluation run no validation loop at all (no volume is read).
+            skipping = self.current_epoch < self.args.skip_first_n_eval
+            self.trainer.limit_val_batches = 0 if skipping else self._val_limit
         self.train_loss_sum.zero_()
         self.train_steps.zero_()
         set_layout(self.model, channels_last=False)  # inference may have switched it (see infer)
@@ -138,9 +145,6 @@ class NNUnet(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     # Validation: whole volumes, per-class Dice averaged over cases
     # ------------------------------------------------------------------------------------------
-    def _skip_validation(self) -> bool:
-        return self.trainer.state.fn == TrainerFn.FITTING and self.current_epoch < self.args.skip_first_n_eval
-
     def on_validation_epoch_start(self) -> None:
         self.val_dice_sum.zero_()
         self.val_loss_sum.zero_()
@@ -164,8 +168,6 @@ class NNUnet(pl.LightningModule):
         return dice_per_class(output[0].argmax(0), label[0, 0], self.n_outputs)
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
-        if self._skip_validation():
-            return
         image, label = batch["image"], batch["label"]
         logits = self.infer(image)
         self.val_loss_sum += self.base_loss(logits, self.targets(label)).detach()
@@ -173,9 +175,6 @@ class NNUnet(pl.LightningModule):
         self.val_cases += 1
 
     def on_validation_epoch_end(self) -> None:
-        if self._skip_validation():
-            self.epoch_metrics = {}
-            return
         totals = torch.cat([self.val_dice_sum, self.val_loss_sum[None], self.val_cases[None]])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         cases = max(float(totals[-1]), 1.0)
@@ -228,7 +227,8 @@ class NNUnet(pl.LightningModule):
             return {"optimizer": optimizer}
         config = {"scheduler": scheduler, "interval": "epoch"}
         if args.scheduler == "plateau":
-            config.update(monitor="dice_mean", strict=False)
+            # Stepped only in evaluated epochs, so --lr_patience counts evaluations, not epochs.
+            config.update(monitor="dice_mean", strict=False, frequency=args.eval_every)
         return {"optimizer": optimizer, "lr_scheduler": config}
 
     # ------------------------------------------------------------------------------------------
@@ -282,10 +282,11 @@ def make_scheduler(optimizer: torch.optim.Optimizer, args: Namespace):
         raise UserError("--scheduler multistep needs --lr_steps, the epochs at which the rate drops")
     if args.scheduler == "none" and not warmup:
         return None
+    span = max(1, epochs - warmup)  # the epochs the schedule itself runs over
     schedules = {
         "none": lambda epoch: 1.0,
-        "cosine": lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch / max(1, epochs - warmup), 1.0))),
-        "poly": lambda epoch: (1 - min(epoch, epochs) / epochs) ** 0.9,
+        "cosine": lambda epoch: 0.5 * (1 + math.cos(math.pi * min(epoch / span, 1.0))),
+        "poly": lambda epoch: (1 - min(epoch, span) / span) ** 0.9,
         "multistep": lambda epoch: args.lr_gamma ** sum(epoch >= step for step in args.lr_steps or []),
     }
     if args.scheduler not in schedules:

@@ -166,6 +166,10 @@ def model_from_checkpoint(path: str | os.PathLike, args: Namespace | None = None
         check_compatible(config, data_config, str(path))
         check_same_geometry(config, data_config, str(path))
     stored = dict(hparams["args"])
+    trained_dim = stored.get("dim") or config.get("dim")
+    if args is not None and args.dim is not None and args.dim != trained_dim:
+        raise UserError(f"checkpoint {path} holds a {trained_dim}D network; --dim {args.dim} cannot change that "
+                        f"(drop --dim, or use a {args.dim}D checkpoint)")
     if args is not None:
         for key in ("overlap", "blend", "val_batch_size", "tta", "save_preds", "save_probs", "overlay", "results",
                     "data", "exec_mode", "amp", "gpus", "num_workers", "input", "benchmark", "test_batches",
@@ -226,6 +230,8 @@ def train(args: Namespace) -> NNUnet:
     checkpoints = results / CHECKPOINTS
     # Before any work: a results folder that cannot be written would otherwise fail after the first epoch.
     check_writable(checkpoints)
+    if args.mlperf_log:
+        check_mlperf_log(Path(args.mlperf_log))
     remove_stale_temporaries(checkpoints)  # left by a run killed while writing a checkpoint
     if args.seed is not None:
         pl.seed_everything(args.seed, workers=True, verbose=False)
@@ -250,7 +256,7 @@ def train(args: Namespace) -> NNUnet:
         callbacks.append(QualityThreshold(args.quality_threshold))
     if args.mlperf_log:
         callbacks.append(MLPerfLogger(args.mlperf_log, args, len(datamodule.train_cases), len(datamodule.val_cases),
-                                      args.quality_threshold))
+                                      model.patch_size, args.quality_threshold))
     if args.save_ckpt:
         callbacks.append(CheckpointSaver(checkpoints))
     # Last: an epoch that ends is logged and saved before a pending stop.
@@ -260,6 +266,13 @@ def train(args: Namespace) -> NNUnet:
     trainer.fit(model, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
                 weights_only=True if resume else None)
     return model
+
+
+def check_mlperf_log(path: Path) -> None:
+    """--mlperf_log must name a file in a writable folder (events are appended to it)."""
+    if path.is_dir():
+        raise UserError(f"--mlperf_log {path} is a folder; name a file")
+    check_writable(path.resolve().parent)
 
 
 @rank_zero_only

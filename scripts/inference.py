@@ -26,8 +26,6 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="preprocessed task folder or its val/ or test/ folder")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint to predict with")
     parser.add_argument("--results", default="/results", help="predictions go to RESULTS/predictions")
-    parser.add_argument("--dim", type=int, choices=[2, 3], default=None,
-                        help="2D or 3D (default: as the checkpoint was trained)")
     parser.add_argument("--fold", type=non_negative_int, default=0, help="fold whose cases a val/ folder gives")
     parser.add_argument("--gpus", type=non_negative_int, default=1, help="GPUs (0: the CPU)")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
@@ -40,8 +38,6 @@ def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "predict", "--data", args.data,
                "--ckpt_path", args.ckpt_path, "--results", args.results, "--fold", str(args.fold),
                "--gpus", str(args.gpus), "--val_batch_size", "4"]
-    if args.dim is not None:
-        command += ["--dim", str(args.dim)]
     command += [flag for flag, on in (("--amp", args.amp), ("--tta", args.tta), ("--save_preds", args.save_preds))
                 if on]
     return command + extra

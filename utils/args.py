@@ -25,6 +25,13 @@ def non_negative_int(value: str) -> int:
     return number
 
 
+def non_negative_float(value: str) -> float:
+    number = float(value)
+    if not number >= 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value}")
+    return number
+
+
 def positive_float(value: str) -> float:
     number = float(value)
     if not number > 0:
@@ -95,13 +102,14 @@ def main_parser() -> argparse.ArgumentParser:
     data.add_argument("--nvol", type=positive_int, default=4,
                       help="2D only: volumes sampled per training batch, each giving batch_size/nvol slices")
     data.add_argument("--oversampling", type=probability, default=0.4,
-                      help="probability that a training patch is centred on foreground")
+                      help="probability that a training patch holds foreground")
     data.add_argument("--no_rotation", action="store_true",
                       help="turn off the rotation and scaling augmentation")
 
     model = parser.add_argument_group("model")
     model.add_argument("--filters", type=positive_int, nargs="+", default=None,
-                       help="channels per level (default: 32, 64, 128, 256, 320, 320, ... as nnU-Net)")
+                       help="channels per level (default as nnU-Net: 32, 64, 128, ... doubling, capped at 320 in 3D "
+                            "and 512 in 2D)")
     model.add_argument("--depth", type=positive_int, default=6, help="maximum number of encoder levels")
     model.add_argument("--min_fmap", type=positive_int, default=4,
                        help="smallest edge of the coarsest feature map (downsampling stops there)")
@@ -122,22 +130,23 @@ def main_parser() -> argparse.ArgumentParser:
     optim.add_argument("--epochs", type=positive_int, default=1000, help="maximum number of epochs")
     optim.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "radam"], default="adam")
     optim.add_argument("--learning_rate", type=positive_float, default=8e-4, help="initial learning rate")
-    optim.add_argument("--momentum", type=float, default=0.99, help="SGD momentum (Nesterov)")
-    optim.add_argument("--weight_decay", type=float, default=1e-4, help="weight decay")
+    optim.add_argument("--momentum", type=non_negative_float, default=0.99, help="SGD momentum (Nesterov)")
+    optim.add_argument("--weight_decay", type=non_negative_float, default=1e-4, help="weight decay")
     optim.add_argument("--scheduler", choices=["none", "cosine", "poly", "multistep", "plateau"], default="none",
                        help="learning-rate schedule")
     optim.add_argument("--lr_warmup_epochs", type=non_negative_int, default=0,
                        help="epochs of linear warmup from --warmup_start_lr before the schedule (any --scheduler "
                             "but plateau)")
-    optim.add_argument("--warmup_start_lr", type=float, default=0.0,
+    optim.add_argument("--warmup_start_lr", type=non_negative_float, default=0.0,
                        help="learning rate the warmup starts from; it reaches --learning_rate in its last epoch")
     optim.add_argument("--lr_steps", type=positive_int, nargs="+", default=None,
-                       help="multistep: epochs at which the learning rate is multiplied by --lr_gamma")
+                       help="multistep: epochs at which the learning rate is multiplied by --lr_gamma, counted "
+                            "after --lr_warmup_epochs")
     optim.add_argument("--lr_gamma", type=positive_float, default=0.1,
                        help="multistep and plateau: factor applied to the learning rate")
     optim.add_argument("--lr_patience", type=non_negative_int, default=10,
                        help="plateau: evaluations without improvement before the learning rate drops")
-    optim.add_argument("--gradient_clip_val", type=float, default=0.0,
+    optim.add_argument("--gradient_clip_val", type=non_negative_float, default=0.0,
                        help="clip the gradient norm to this value (0: no clipping)")
     optim.add_argument("--patience", type=positive_int, default=100,
                        help="stop after this many evaluations without a better mean Dice")
@@ -203,6 +212,9 @@ def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = main_parser().parse_args(argv)
     if args.dim == 2 and args.exec_mode == "train" and args.batch_size % args.nvol:
         main_parser().error(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
+    if args.task is not None and not args.benchmark:
+        main_parser().error("--task needs --benchmark: it times random volumes with a task's plan; "
+                            "without --benchmark the run uses the data at --data")
     return args
 
 
@@ -226,7 +238,9 @@ def preprocess_parser() -> argparse.ArgumentParser:
     parser.add_argument("--results", default="/data", help="output root; the task goes to RESULTS/NN_3d or NN_2d")
     parser.add_argument("--n_jobs", type=positive_int, default=max(1, (os.cpu_count() or 2) // 2),
                         help="cases preprocessed in parallel (one case per worker in memory)")
-    parser.add_argument("--overwrite", action="store_true", help="redo cases that are already preprocessed")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="plan the task again and redo every case; config.json is replaced, so edits to it are "
+                             "lost (pass the edited file with --plan to keep them)")
     parser.add_argument("--plan", default=None,
                         help="a plan (a task's config.json, possibly edited) to preprocess with instead of planning")
     parser.add_argument("--kits_recipe", choices=["final", "v1.0"], default="final",

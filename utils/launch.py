@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import shlex
 import subprocess
 
 
 def run_printed(command: list[str]) -> int:
-    """Print `command` (so a user can copy and edit it), run it without a shell and return its exit status."""
-    print(" ".join(command), flush=True)
+    """Print `command`, quoted for a shell so that it can be copied and edited, then run it without a shell
+    and return its exit status."""
+    print(shlex.join(command), flush=True)
     return subprocess.run(command, check=False).returncode

@@ -11,8 +11,10 @@ import pytest
 import torch
 
 import main
-from nnunet.nn_unet import make_scheduler
+from nnunet.nn_unet import NNUnet, make_scheduler
+from nnunet.run import build_trainer
 from tests.conftest import train_argv
+from utils.args import parse_main_args
 from utils.errors import UserError
 from utils.logger import read_logs
 
@@ -141,6 +143,9 @@ def test_wrong_checkpoints_are_clear_errors(trained, synthetic_task, tmp_path, c
                           (tmp_path / "missing.ckpt", "does not exist")):
         assert main.main([*base, "--ckpt_path", str(path)]) == 1
         assert message in capsys.readouterr().err
+    # --dim cannot turn a 3D checkpoint into a 2D network.
+    assert main.main([*base, "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"), "--dim", "2"]) == 1
+    assert "holds a 3D network; --dim 2 cannot change that" in capsys.readouterr().err
 
 
 def schedule(name: str, epochs: int = 10, **options) -> list[float]:
@@ -165,6 +170,8 @@ def test_learning_rate_schedules():
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
     assert schedule("poly", epochs=4) == pytest.approx([(1 - e / 4) ** 0.9 for e in range(4)])
     assert schedule("multistep", lr_steps=[2, 5]) == pytest.approx([1, 1, 0.1, 0.1, 0.1] + [0.01] * 5)
+    # After a warmup, poly and cosine decay over the remaining epochs and end near zero.
+    assert schedule("poly", epochs=10, lr_warmup_epochs=5)[-1] == pytest.approx((1 - 4 / 5) ** 0.9)
     plateau = schedule("plateau", lr_gamma=0.5)
     assert plateau[0] == 1.0 and plateau[-1] < 0.1
     # The MLPerf UNet3D warmup: linear from the start rate, the base rate in the last warmup epoch, then constant.
@@ -211,3 +218,73 @@ def test_cuda_calls_sit_behind_the_device_choice():
             name = path.relative_to(ROOT).as_posix()
             if name not in allowed:
                 assert not pattern.search(path.read_text()), f"{name} calls CUDA directly"
+
+
+def test_optimisation_flags_reach_the_optimizer_scheduler_and_trainer():
+    config = {"in_channels": 1, "n_class": 2, "patch_size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0], "dim": 3,
+              "labels": {"0": "background", "1": "a"}}
+    argv = ["--filters", "4", "8", "16", "--optimizer", "sgd", "--learning_rate", "0.3", "--momentum", "0.8",
+            "--weight_decay", "0.01", "--scheduler", "plateau", "--eval_every", "3", "--lr_gamma", "0.25",
+            "--lr_patience", "2"]
+    setup = NNUnet(vars(parse_main_args(argv)), config).configure_optimizers()
+    group = setup["optimizer"].param_groups[0]
+    assert isinstance(setup["optimizer"], torch.optim.SGD) and group["nesterov"]
+    assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.3, 0.8, 0.01)
+    plateau = setup["lr_scheduler"]
+    # Stepped in evaluated epochs only: patience counts evaluations.
+    assert plateau["frequency"] == 3 and plateau["monitor"] == "dice_mean"
+    assert (plateau["scheduler"].factor, plateau["scheduler"].patience) == (0.25, 2)
+    for name, kind in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("radam", torch.optim.RAdam)):
+        optimizer = NNUnet(vars(parse_main_args(["--filters", "4", "8", "16", "--optimizer", name, "--weight_decay",
+                                                 "0.02"])), config).configure_optimizers()["optimizer"]
+        assert type(optimizer) is kind and optimizer.param_groups[0]["weight_decay"] == 0.02
+
+    trainer = build_trainer(parse_main_args(["--eval_every", "3", "--gradient_clip_val", "1.5", "--amp"]), [])
+    assert trainer.check_val_every_n_epoch == 3 and trainer.gradient_clip_val == 1.5
+    assert trainer.precision == "bf16-mixed"  # --amp on the CPU
+
+
+@pytest.mark.parametrize("flag", ["--momentum", "--weight_decay", "--warmup_start_lr", "--gradient_clip_val"])
+def test_negative_rates_are_refused(flag, capsys):
+    with pytest.raises(SystemExit):
+        parse_main_args([flag, "-0.1"])
+    assert "expected a number >= 0" in capsys.readouterr().err
+
+
+def test_skipped_evaluations_read_no_validation_volume(synthetic_task, tmp_path, monkeypatch):
+    evaluated = []
+    step = NNUnet.validation_step
+
+    def counting(self, batch, batch_idx):
+        evaluated.append(self.current_epoch)
+        return step(self, batch, batch_idx)
+
+    monkeypatch.setattr(NNUnet, "validation_step", counting)
+    argv = train_argv(synthetic_task.preprocessed(3), tmp_path, "--epochs", "3", "--train_batches", "1",
+                      "--skip_first_n_eval", "2")
+    assert main.main(argv) == 0
+    assert set(evaluated) == {2} and len(evaluated) == 2  # the fold's two validation cases, in epoch 2 only
+    assert ["dice" in record["data"] for record in epoch_records(tmp_path)] == [False, False, True]
+
+
+def test_model_and_inference_flags_reach_the_network_loss_and_sliding_window(tmp_path, monkeypatch):
+    config = {"in_channels": 1, "n_class": 3, "patch_size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0], "dim": 3,
+              "labels": {"0": "background", "1": "a", "2": "b"}}
+    argv = ["--filters", "4", "8", "16", "--norm", "group", "--negative_slope", "0.1", "--focal", "--overlap",
+            "0.25", "--blend", "constant", "--tta", "--val_batch_size", "3"]
+    model = NNUnet(vars(parse_main_args(argv)), config)
+    assert any(isinstance(m, torch.nn.GroupNorm) for m in model.model.modules())
+    slopes = {m.negative_slope for m in model.model.modules() if isinstance(m, torch.nn.LeakyReLU)}
+    assert slopes == {0.1} and model.base_loss.focal
+    calls = []
+
+    def record(network, image, patch_size, **options):
+        calls.append(options)
+        return torch.zeros(1, 3, *image.shape[2:])
+
+    monkeypatch.setattr("nnunet.nn_unet.predict_volume", record)
+    monkeypatch.setattr(model, "export", lambda *args: None)
+    (tmp_path / "case_meta.json").write_text("{}")
+    model.meta_dir = str(tmp_path)
+    model.predict_step({"case_id": ["case"], "image": torch.zeros(1, 1, 16, 16, 16)}, 0)
+    assert calls == [{"overlap": 0.25, "blend": "constant", "batch_size": 3, "tta": True, "activation": "softmax"}]

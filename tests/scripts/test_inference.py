@@ -12,11 +12,11 @@ import inference  # noqa: E402
 
 def test_command_carries_each_flag():
     args, extra = inference.parser().parse_known_args(
-        ["--data", "/d/01_3d", "--ckpt_path", "c.ckpt", "--tta", "--amp", "--dim", "2", "--overlap", "0.25"])
+        ["--data", "/d/01_3d", "--ckpt_path", "c.ckpt", "--tta", "--amp", "--overlap", "0.25"])
     command = inference.build_command(args, extra)
     assert command[1].endswith("main.py") and command[command.index("--exec_mode") + 1] == "predict"
     assert {"--tta", "--amp"} <= set(command) and "--save_preds" not in command
-    assert command[command.index("--dim") + 1] == "2" and command[-2:] == ["--overlap", "0.25"]
+    assert command[-2:] == ["--overlap", "0.25"]
 
 
 def test_script_predicts_on_the_cpu(trained, synthetic_task, tmp_path):
