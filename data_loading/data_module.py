@@ -40,7 +40,7 @@ from data_loading.dali_loader import (
 )
 from utils.args import accelerator_kind
 from utils.errors import UserError
-from utils.io import npy_problem, read_npy_header
+from utils.io import npy_nonfinite_count, npy_problem, read_npy_header
 
 IMAGE_SUFFIX = "_x.npy"
 LABEL_SUFFIX = "_y.npy"
@@ -98,7 +98,7 @@ def find_cases(folder: Path, labelled: bool) -> list[str]:
 
 
 def check_case(folder: Path, case: str, in_channels: int | None, labelled: bool) -> None:
-    """Shapes and types from the .npy headers: image (C, D, H, W) float32, label (1, D, H, W) uint8."""
+    """Shapes and types from the .npy headers: image (C, D, H, W) float32, label (1, D, H, W) uint8; finite voxels."""
     image_path = folder / (case + IMAGE_SUFFIX)
     # Headers and file sizes only: a file cut short or damaged is named here rather than failing inside DALI.
     for path in (image_path, folder / (case + LABEL_SUFFIX)) if labelled else (image_path,):
@@ -116,6 +116,12 @@ def check_case(folder: Path, case: str, in_channels: int | None, labelled: bool)
     if label is not None and (label.dtype != np.uint8 or tuple(label.shape) != (1, *image.shape[1:])):
         raise UserError(f"{case}: image shape {tuple(image.shape)} does not match label {label.dtype} shape "
                         f"{tuple(label.shape)} (expected uint8 (1, {', '.join(map(str, image.shape[1:]))}))")
+    # One pass over the image: a single NaN would otherwise turn a prediction into background or the weights
+    # into NaN without any error.
+    nonfinite = npy_nonfinite_count(image_path)
+    if nonfinite:
+        raise UserError(f"{case}: image {image_path} holds {nonfinite} NaN or infinite value(s); re-run "
+                        f"preprocess.py from the raw images (with --overwrite)")
 
 
 def read_splits(path: Path, cases: list[str], fold: int) -> tuple[list[str], list[str]]:

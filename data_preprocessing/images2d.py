@@ -32,6 +32,7 @@ from PIL import Image
 
 from data_preprocessing.layouts import PreprocessingError, read_json_object, v2_labels
 from utils.io import atomic_open, load_json, save_json, save_nifti
+from utils.nifti import load_nifti
 
 IMAGE_SUFFIXES = (".png", ".tif", ".tiff")
 CONVERTED = "nifti"  # the converted MSD task, inside RESULTS/<Name>_2d
@@ -234,7 +235,7 @@ def convert_folder(source: str | os.PathLike, target: str | os.PathLike, overwri
                 shape, n_channels = pixels.shape[:2], 1 if pixels.ndim == 2 else pixels.shape[2]
                 _save_nifti(image_target, to_volume(pixels))
             else:
-                stored = nib.load(str(image_target)).shape
+                stored = load_nifti(image_target).shape
                 shape, n_channels = stored[:2][::-1], 1 if len(stored) == 3 else stored[3]
             if channels is None:
                 channels = n_channels

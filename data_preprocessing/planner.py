@@ -143,6 +143,16 @@ def plan_patch_size(
     return result
 
 
+# Features of the first level of a U-Net (nnU-Net's 32); each holds a full-resolution map of the patch.
+FIRST_LEVEL_FEATURES = 32
+
+
+def training_memory_bytes(patch_size: Sequence[int], in_channels: int, batch_size: int) -> int:
+    """A lower bound in bytes on the memory one training step of a plan needs: the float32 input batch
+    (B, C, *patch) and one full-resolution feature map (B, 32, *patch). Real use is several times more."""
+    return int(batch_size) * math.prod(int(p) for p in patch_size) * 4 * (int(in_channels) + FIRST_LEVEL_FEATURES)
+
+
 def suggest_batch_size(patch_size: Sequence[int]) -> int:
     """Batch size that keeps the voxels per step near nnU-Net's defaults (2 x 128^3 in 3D)."""
     voxels = math.prod(patch_size)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 from data_preprocessing import planner
 from data_preprocessing.layouts import PreprocessingError, RawTask, read_json_object
+from utils.io import format_bytes, machine_memory_bytes
 
 REQUIRED_KEYS = ("dim", "spacing", "patch_size", "normalization", "in_channels", "n_class")
 OPTIONAL_KEYS = ("task", "task_name", "modalities", "labels", "batch_size", "kernels", "strides", "regions",
@@ -124,6 +125,7 @@ def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
     batch_size = plan.get("batch_size", planner.suggest_batch_size(patch))
     if not _is_count(batch_size):
         raise PreprocessingError(f"{where}: 'batch_size' must be a positive integer, got {batch_size!r}")
+    check_plan_memory(patch, n_channels, batch_size, where)
     regions = plan["regions"] if "regions" in plan else raw.regions
     if regions is not None:
         valid = isinstance(regions, list) and all(
@@ -160,6 +162,23 @@ def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
     if "recipe" in plan:
         config["recipe"] = plan["recipe"]
     return config
+
+
+def check_plan_memory(patch_size: list[int], in_channels: int, batch_size: int, where: str,
+                      available: int | None = None) -> None:
+    """Refuse a plan whose training step cannot fit in this machine's memory (`available` bytes; default: all of
+    the machine's), before any array of the patch's size is allocated or any output written.
+
+    Raises:
+        PreprocessingError: one line with the estimate and the memory of the machine.
+    """
+    available = machine_memory_bytes() if available is None else available
+    needed = planner.training_memory_bytes(patch_size, in_channels, batch_size)
+    if available is not None and needed > available:
+        raise PreprocessingError(
+            f"{where}: 'patch_size' {list(patch_size)} with batch size {batch_size} needs at least "
+            f"{format_bytes(needed)} of memory but this machine has {format_bytes(available)}; choose a smaller "
+            f"patch_size")
 
 
 def plan_digest(config: dict) -> str:

@@ -17,10 +17,15 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import contextlib
+import ctypes
 import json
 import math
 import multiprocessing
 import os
+import signal
+import sys
+import threading
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -39,10 +44,22 @@ from data_preprocessing.resample import (
     resampled_shape,
     separate_axis,
 )
-from utils.io import check_writable, load_json, npy_is_complete, remove_stale_temporaries, save_json, save_npy
+from utils.errors import warn
+from utils.io import (
+    check_writable,
+    folder_lock,
+    load_json,
+    npy_is_complete,
+    remove_stale_temporaries,
+    removing_new_empty_folders,
+    save_json,
+    save_npy,
+)
+from utils.nifti import NiftiError, load_nifti
 
 CONFIG_NAME = "config.json"
 CT_SAMPLES_PER_CASE = 10_000
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
 
 
 def read_nifti(path: Path, case_id: str, label: bool = False) -> tuple[nib.Nifti1Image, np.ndarray]:
@@ -50,7 +67,10 @@ def read_nifti(path: Path, case_id: str, label: bool = False) -> tuple[nib.Nifti
     if not path.is_file():
         raise PreprocessingError(f"{case_id}: file {path} does not exist")
     try:
-        nifti = nib.load(str(path))
+        nifti = load_nifti(path)
+    except NiftiError as error:
+        raise PreprocessingError(f"{case_id}: {error}") from None
+    try:
         data = np.asanyarray(nifti.dataobj) if label else nifti.get_fdata(dtype=np.float32, caching="unchanged")
     except Exception as error:  # nibabel and zlib raise many types for damaged files
         raise PreprocessingError(f"{case_id}: cannot read {path} ({type(error).__name__}: {error})") from None
@@ -369,10 +389,37 @@ def plan_task(raw: RawTask, dim: int, pool: concurrent.futures.Executor | None =
 # --------------------------------------------------------------------------------------------
 # Running over a task
 # --------------------------------------------------------------------------------------------
-def _worker_init(threads: int) -> None:
+PARENT_POLL_SECONDS = 0.5
+
+
+def _worker_init(threads: int, parent: int) -> None:
+    """Set up a worker process: its thread count, and its exit as soon as `parent` (a process id) is gone."""
+    exit_with_parent(parent)
     import torch
 
     torch.set_num_threads(threads)
+
+
+def exit_with_parent(parent: int) -> None:
+    """End this process as soon as the process `parent` ends, however it ends (SIGKILL included).
+
+    A killed parent cannot stop its workers, which would otherwise go on writing cases and then wait for work
+    forever. On Linux the kernel sends SIGKILL on the parent's death (prctl PR_SET_PDEATHSIG); elsewhere, and
+    as a fallback, a daemon thread checks every half second whether this process was handed to another parent.
+    """
+    if sys.platform.startswith("linux"):
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:  # the parent died before the line above took effect
+        os._exit(1)
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(PARENT_POLL_SECONDS)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 @contextlib.contextmanager
@@ -385,7 +432,7 @@ def worker_pool(n_jobs: int) -> Iterator[concurrent.futures.ProcessPoolExecutor 
     # spawn, not fork: a forked child of a process whose OpenMP pool has run can deadlock.
     context = multiprocessing.get_context("spawn")
     with concurrent.futures.ProcessPoolExecutor(n_jobs, mp_context=context, initializer=_worker_init,
-                                                initargs=(threads,)) as pool:
+                                                initargs=(threads, os.getpid())) as pool:
         yield pool
 
 
@@ -492,6 +539,8 @@ def preprocess_case(task_dir: Path, case: CaseFiles, config: dict, folder: Path,
         save_npy(folder / f"{case.case_id}_y.npy", label)
     meta = case_meta(case, loaded, geometry)
     meta["plan_digest"] = plans.plan_digest(config)
+    if loaded.label is not None:  # of the source label: a structure lost in resampling was still annotated
+        meta["label_values"] = np.flatnonzero(np.bincount(loaded.label.ravel())).tolist()
     if config.get("png_masks"):
         meta["png_masks"] = config["png_masks"]
     save_json(folder / f"{case.case_id}_meta.json", meta)
@@ -569,9 +618,19 @@ def preprocess_task(data: str | os.PathLike, results: str | os.PathLike, task: s
     cases = raw.cases(exec_mode)
     if not cases:
         raise PreprocessingError(f"{raw.root} has no cases for --exec_mode {exec_mode}")
+    outside = files_outside(raw.root, cases)
+    if outside:
+        case_id, source, target = outside[0]
+        warn(f"{len(outside)} file(s) of {raw.name} lie outside {raw.root} through a symbolic link or '..' "
+             f"(first: {case_id}: {source} -> {target}); they are read from there")
     folder = root if training else root / exec_mode
-    check_writable(folder)  # before planning, which reads every case
-    with worker_pool(n_jobs) as pool:
+    # Two runs on one folder would delete each other's temporary files and write the same cases: one at a time.
+    busy = f"another preprocess.py run is writing {root}; wait for it to finish, or use another --results folder"
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(removing_new_empty_folders(folder))  # a run that fails early leaves no empty folder
+        check_writable(folder)  # before planning, which reads every case
+        stack.enter_context(folder_lock(root, busy))
+        pool = stack.enter_context(worker_pool(n_jobs))
         reuse = config_path.is_file() and plan_config is None and not overwrite and raw.recipe is None
         previous = _read_config(config_path) if reuse else None
         if plan_config is not None:
@@ -600,8 +659,43 @@ def preprocess_task(data: str | os.PathLike, results: str | os.PathLike, task: s
         todo = [case for case in cases if overwrite or not _case_is_done(folder, case.case_id, training, digest)]
         run_parallel(preprocess_case, [(raw.root, case, config, folder, training) for case in todo], pool,
                      f"preprocessing {raw.name}")
+        if training:
+            for value in absent_classes(folder, [case.case_id for case in cases], config["labels"]):
+                warn(f"class {value} ({config['labels'][str(value)]}) is declared in dataset.json but labels no "
+                     f"voxel of any training case; validation leaves it out of mean_dice")
     splits = write_fixed_split(root, raw) if training and raw.evaluation_cases is not None else None
     return PreprocessSummary(folder, len(todo), len(cases) - len(todo), config, removed, splits)
+
+
+def files_outside(root: Path, cases: Iterable[CaseFiles]) -> list[tuple[str, str, Path]]:
+    """(case id, file as the dataset names it, where it really is) of each case file that a symbolic link or a
+    `..` in its path places outside the dataset folder `root`."""
+    base = Path(root).resolve()
+    outside = []
+    for case in cases:
+        names = [case.image] if isinstance(case.image, str) else list(case.image)
+        for name in [*names, *([case.label] if case.label else [])]:
+            target = (Path(root) / name).resolve()
+            if not target.is_relative_to(base):
+                outside.append((case.case_id, name, target))
+    return outside
+
+
+def absent_classes(folder: Path, case_ids: Iterable[str], labels: dict) -> list[int]:
+    """Foreground label values of `labels` ({"0": "background", "1": ...}) that no training case's label holds.
+
+    Read from each case's metadata (`label_values`); a case preprocessed before that key existed is read from
+    its `_y.npy`.
+    """
+    present: set[int] = set()
+    for case_id in case_ids:
+        meta = load_json(folder / f"{case_id}_meta.json")
+        if "label_values" in meta:
+            present.update(int(v) for v in meta["label_values"])
+        else:
+            label = np.load(folder / f"{case_id}_y.npy", mmap_mode="r")
+            present.update(np.flatnonzero(np.bincount(np.asarray(label).ravel())).tolist())
+    return [int(k) for k in sorted(labels, key=int) if int(k) != 0 and int(k) not in present]
 
 
 def describe(summary: PreprocessSummary) -> str:

@@ -12,6 +12,7 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nnunet.mlperf import MLPerfReport, mlperf_metrics
+from utils.errors import UserError
 from utils.io import atomic_open, save_json
 from utils.logger import DLLogger, read_logs
 
@@ -30,6 +31,33 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                         storage_options: Any | None = None) -> None:
         with atomic_open(path, "wb") as handle:
             torch.save(checkpoint, handle)
+
+
+class NonFiniteLoss(UserError):
+    """The training loss became NaN or infinite: the weights are no longer usable."""
+
+
+def check_finite_loss(trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    """Raise `NonFiniteLoss` when any rank's running loss sum of the epoch is NaN or infinite (a collective call).
+
+    A NaN in one step makes the sum NaN for the rest of the epoch, so one check at a saving point covers every
+    step since the epoch started without a host synchronisation per step.
+    """
+    bad = not bool(torch.isfinite(pl_module.train_loss_sum).all())
+    if trainer.strategy.reduce_boolean_decision(bad, all=False):
+        raise NonFiniteLoss(
+            f"the training loss became NaN or infinite in epoch {trainer.current_epoch}; stopped without saving, "
+            f"so any existing checkpoint is still the last good one: check the input arrays or lower --learning_rate")
+
+
+class FiniteLossGuard(pl.Callback):
+    """Stops training with `NonFiniteLoss` at the end of an epoch whose loss was not finite.
+
+    Add it first: it must run before the callbacks that log the epoch or write `last.ckpt` and `best.ckpt`.
+    """
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        check_finite_loss(trainer, pl_module)
 
 
 class CheckpointSaver(pl.Callback):
@@ -59,7 +87,13 @@ def format_epoch_line(epoch: int, metrics: dict[str, Any], names: list[str] | No
     if "dice" in metrics:
         labels = names or [f"D{i + 1}" for i in range(len(metrics["dice"]))]
         parts.append(" ".join(f"{label} {value:.4f}" for label, value in zip(labels, metrics["dice"])))
-        parts.append(f"{mean_name} {metrics['dice_mean']:.4f}")
+        absent = metrics.get("dice_absent")
+        if absent:
+            left_out = ", ".join(labels[index - 1] for index in absent)
+            parts.append(f"{mean_name} over classes present in validation {metrics['dice_mean']:.4f} "
+                         f"(without {left_out}: in no validation label)")
+        else:
+            parts.append(f"{mean_name} {metrics['dice_mean']:.4f}")
     parts.append(f"train_loss {metrics['train_loss']:.4f}")
     if "val_loss" in metrics:
         parts.append(f"val_loss {metrics['val_loss']:.4f}")

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import nibabel as nib
 import numpy as np
 import torch
 
-from nnunet.metrics import class_counts, dice_from_counts, hd95
+from nnunet.metrics import HD95_MODES, class_counts, dice_from_counts, hd95
 from utils.errors import UserError
 from utils.io import atomic_open
+from utils.nifti import NiftiError, load_nifti
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 # Affines are stored as float32 in NIfTI headers; differences below these tolerances are rounding.
@@ -169,7 +169,10 @@ def read_label_volume(path: Path, role: str) -> LabelVolume:
         EvaluationError: if the file cannot be read or does not hold integer labels.
     """
     try:
-        image = nib.load(path)
+        image = load_nifti(path)
+    except NiftiError as error:
+        raise EvaluationError(f"{role} {error}") from None
+    try:
         data = np.asanyarray(image.dataobj)
         affine = np.asarray(image.affine, dtype=np.float64)
         spacing = tuple(float(z) for z in image.header.get_zooms()[: data.ndim])
@@ -203,6 +206,7 @@ def score_case(
     label_path: Path,
     with_hd95: bool = False,
     classes: list[int] | None = None,
+    hd95_mode: str = "max",
 ) -> CaseScore:
     """Counts (and HD95) of one case.
 
@@ -212,6 +216,7 @@ def score_case(
         label_path: reference label map, NIfTI, same shape and affine.
         with_hd95: also compute the HD95 of every class present in either map.
         classes: the dataset's classes; a label value outside them is an error. None accepts any value.
+        hd95_mode: how HD95 combines its two directions, "max" or "pooled" (`nnunet.metrics.HD95_MODES`).
 
     Returns:
         The case's counts and distances.
@@ -244,7 +249,7 @@ def score_case(
                     f"({_join(classes)}) do not include"
                 )
     if with_hd95:
-        score.hd95 = {c: hd95(pred.data == c, label.data == c, label.spacing) for c in sorted(present)}
+        score.hd95 = {c: hd95(pred.data == c, label.data == c, label.spacing, hd95_mode) for c in sorted(present)}
     return score
 
 
@@ -254,6 +259,7 @@ def evaluate_folder(
     hd95: bool = False,
     class_names: Mapping[int, str] | None = None,
     predicted_only: bool = False,
+    hd95_mode: str = "max",
 ) -> dict[str, Any]:
     """Per-case and per-class Dice (and HD95) of a folder of predictions.
 
@@ -266,6 +272,7 @@ def evaluate_folder(
             the non-zero values found in the label files, named by their value.
         predicted_only: score only the labels that have a prediction (e.g. one validation fold of a
             labelsTr folder) instead of requiring a prediction for every label.
+        hd95_mode: "max" (MONAI, the default) or "pooled" (medpy, nnU-Net v1); see `nnunet.metrics.HD95_MODES`.
 
     Returns:
         A JSON-ready dict (keys of classes are strings of the label values)::
@@ -273,7 +280,8 @@ def evaluate_folder(
             {"preds": str, "labels": str, "classes": [int], "class_names": {"1": name},
              "cases": [{"case_id": str, "dice": {"1": float}, "hd95": {"1": float}}],
              "mean": {"dice": {"1": float}, "hd95": {"1": float}},
-             "mean_dice": float, "mean_hd95": float, "prediction_only_labels": [int]}
+             "mean_dice": float, "mean_hd95": float, "hd95_mode": str, "hd95_definition": str,
+             "prediction_only_labels": [int]}
 
         `mean` holds each class's mean over cases, `mean_dice` the mean of those. HD95 entries are present
         only with `hd95=True` and may be `inf`. `prediction_only_labels` lists values that appear in
@@ -299,7 +307,8 @@ def evaluate_folder(
         raise EvaluationError(f"predictions in {preds_dir} without a label in {labels_dir}: {_cases(extra)}")
 
     dataset_classes = None if class_names is None else sorted(c for c in class_names if c != 0)
-    scores = [score_case(case_id, preds[case_id], labels[case_id], hd95, dataset_classes) for case_id in labels]
+    scores = [score_case(case_id, preds[case_id], labels[case_id], hd95, dataset_classes, hd95_mode)
+              for case_id in labels]
 
     label_values = set().union(*(present_labels(score.label_count) for score in scores))
     pred_values = set().union(*(present_labels(score.pred_count) for score in scores))
@@ -332,6 +341,9 @@ def evaluate_folder(
     }
     for metric in metrics:
         results[f"mean_{metric}"] = float(np.mean(list(mean[metric].values())))
+    if hd95:
+        results["hd95_mode"] = hd95_mode
+        results["hd95_definition"] = HD95_MODES[hd95_mode]
     results["prediction_only_labels"] = sorted(pred_values - set(classes))
     return results
 
@@ -356,19 +368,22 @@ def format_table(results: Mapping[str, Any]) -> str:
 
 
 def results_csv(results: Mapping[str, Any]) -> str:
-    """CSV text: `case_id, dice_<c>..., dice_mean[, hd95_<c>..., hd95_mean]`, one row per case and a MEAN row."""
+    """CSV text: `case_id, dice_<c>..., dice_mean[, hd95_<c>..., hd95_mean, hd95_mode]`, one row per case and a
+    MEAN row; `hd95_mode` ("max" or "pooled") says how each HD95 combines its two directions."""
     metrics = [m for m in ("dice", "hd95") if m in results["mean"]]
     keys = [str(c) for c in results["classes"]]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
-    writer.writerow(["case_id", *(f"{m}_{k}" for m in metrics for k in [*keys, "mean"])])
+    mode = [results["hd95_mode"]] if "hd95" in metrics else []
+    header = ["case_id", *(f"{m}_{k}" for m in metrics for k in [*keys, "mean"])]
+    writer.writerow(header + (["hd95_mode"] if mode else []))
     rows = [(case["case_id"], case) for case in results["cases"]] + [("MEAN", results["mean"])]
     for case_id, values in rows:
         row: list[Any] = [case_id]
         for metric in metrics:
             per_class = [values[metric][k] for k in keys]
             row += [*per_class, float(np.mean(per_class))]
-        writer.writerow(row)
+        writer.writerow(row + mode)
     return buffer.getvalue()
 
 
@@ -405,12 +420,12 @@ def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
     """
     class_names = read_dataset_labels(args.dataset_json) if args.dataset_json else None
     results = evaluate_folder(args.preds, args.lbls, hd95=args.hd95, class_names=class_names,
-                              predicted_only=args.predicted_only)
+                              predicted_only=args.predicted_only, hd95_mode=args.hd95_mode)
     prefix = args.output if args.output else os.path.join(args.preds, "evaluation")
     csv_path, json_path = write_results(results, prefix)
     print(format_table(results))
     print(f"\nmean Dice {results['mean_dice']:.4f}", end="")
-    print(f", mean HD95 {_format(results['mean_hd95'], 2)} mm" if args.hd95 else "")
+    print(f", mean HD95 {_format(results['mean_hd95'], 2)} mm ({results['hd95_definition']})" if args.hd95 else "")
     if results["prediction_only_labels"]:
         print(f"note: predictions hold label {_join(results['prediction_only_labels'])}, which no label file has")
     print(f"wrote {csv_path} and {json_path}")

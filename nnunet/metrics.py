@@ -14,6 +14,13 @@ import numpy as np
 import torch
 
 HD95_PERCENTILE = 95.0
+# How the two directions of HD95 combine: "max", the larger of the two directed 95th percentiles (MONAI,
+# nnU-Net v2's evaluation of it); "pooled", the 95th percentile of both directions' distances together (medpy,
+# nnU-Net v1). Pooled is never larger; on masks of very different sizes the two can differ by more than 100 %.
+HD95_MODES = {
+    "max": "larger of the two directed 95th percentiles of surface distances (MONAI)",
+    "pooled": "95th percentile of the surface distances of both directions pooled (medpy, nnU-Net v1)",
+}
 
 
 def class_counts(pred: torch.Tensor, target: torch.Tensor, n_class: int) -> tuple[torch.Tensor, ...]:
@@ -114,26 +121,31 @@ def hd95(
     pred_mask: np.ndarray | torch.Tensor,
     target_mask: np.ndarray | torch.Tensor,
     spacing: Sequence[float],
+    mode: str = "max",
 ) -> float:
     """Symmetric 95th-percentile Hausdorff distance between two binary masks, in mm.
 
     The distances are taken between the surface voxels of the two masks (voxels with a face neighbour
     outside the mask), in physical units given by `spacing`, so anisotropic voxels are measured
-    correctly. The result is the larger of the two directed 95th percentiles (prediction to target and
-    target to prediction), percentiles linearly interpolated; computed by MONAI's
-    `compute_hausdorff_distance` on the CPU.
+    correctly. With `mode="max"` the result is the larger of the two directed 95th percentiles
+    (prediction to target and target to prediction), computed by MONAI's `compute_hausdorff_distance`
+    on the CPU; with `mode="pooled"` it is the 95th percentile of the distances of both directions
+    together (medpy's `hd95`). Percentiles are linearly interpolated.
 
     Args:
         pred_mask: predicted binary mask, spatial shape such as (D, H, W) or (X, Y, Z).
         target_mask: reference binary mask, same shape.
         spacing: voxel size in mm along each axis of the masks, same axis order.
+        mode: "max" or "pooled" (`HD95_MODES`).
 
     Returns:
         The distance in mm: 0.0 when both masks are empty, `inf` when exactly one of them is empty.
 
     Raises:
-        ValueError: if the shapes differ or `spacing` does not give one value per axis.
+        ValueError: if the shapes differ, `spacing` does not give one value per axis or `mode` is unknown.
     """
+    if mode not in HD95_MODES:
+        raise ValueError(f"HD95 mode {mode!r} is not one of {', '.join(HD95_MODES)}")
     pred_mask = torch.as_tensor(np.asarray(_to_numpy(pred_mask), dtype=bool))
     target_mask = torch.as_tensor(np.asarray(_to_numpy(target_mask), dtype=bool))
     if pred_mask.shape != target_mask.shape:
@@ -149,10 +161,17 @@ def hd95(
         return float("inf")
     # Imported here: MONAI takes seconds to import, and Dice alone does not need it.
     from monai.metrics import compute_hausdorff_distance
+    from monai.metrics.utils import get_edge_surface_distance
 
     with warnings.catch_warnings():
         # MONAI passes one of its own deprecated arguments internally; the warning is not ours to act on.
         warnings.filterwarnings("ignore", message=".*always_return_as_numpy.*", category=FutureWarning)
+        if mode == "pooled":
+            # The same surface voxels and distances as MONAI's directed ones, both directions in one set.
+            distances = get_edge_surface_distance(pred_mask, target_mask, spacing=[float(s) for s in spacing],
+                                                  symmetric=True)[1]
+            pooled = torch.cat([d.reshape(-1).double() for d in distances])
+            return float(str(np.float32(torch.quantile(pooled, HD95_PERCENTILE / 100).item())))
         distance = compute_hausdorff_distance(
             pred_mask[None, None],
             target_mask[None, None],

@@ -81,6 +81,8 @@ class NNUnet(pl.LightningModule):
         self.register_buffer("val_dice_sum", torch.zeros(n_scores, dtype=torch.float64), persistent=False)
         self.register_buffer("val_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
         self.register_buffer("val_cases", torch.zeros((), dtype=torch.float64), persistent=False)
+        # Validation cases whose label holds each class (region): a class in none is left out of the mean Dice.
+        self.register_buffer("val_present", torch.zeros(n_scores, dtype=torch.float64), persistent=False)
 
     # ------------------------------------------------------------------------------------------
     # Task description
@@ -149,6 +151,7 @@ class NNUnet(pl.LightningModule):
         self.val_dice_sum.zero_()
         self.val_loss_sum.zero_()
         self.val_cases.zero_()
+        self.val_present.zero_()
 
     def infer(self, image: torch.Tensor, tta: bool = False, activation: str | None = None) -> torch.Tensor:
         """(1, C, D, H, W) -> (1, K, D, H, W) logits, or probabilities with an activation."""
@@ -167,19 +170,42 @@ class NNUnet(pl.LightningModule):
             return dice_from_regions(predicted, target)
         return dice_per_class(output[0].argmax(0), label[0, 0], self.n_outputs)
 
+    def case_presence(self, label: torch.Tensor) -> torch.Tensor:
+        """(K,) whether each class (or region) scored by `case_dice` has a voxel in the label (1, 1, ...)."""
+        if self.regions:
+            present = labels_to_regions(label, self.regions)[0].flatten(1).any(dim=1)
+            if self.args.brats:
+                present = torch.cat([present, (label == BRATS_EDEMA).any()[None]])
+            return present
+        counts = torch.bincount(label.reshape(-1).long(), minlength=self.n_outputs)
+        return counts[1:self.n_outputs] > 0
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
         logits = self.infer(image)
         self.val_loss_sum += self.base_loss(logits, self.targets(label)).detach()
         self.val_dice_sum += self.case_dice(logits, label)
+        self.val_present += self.case_presence(label)
         self.val_cases += 1
 
+    def mean_classes(self, present: list[bool]) -> list[int]:
+        """The scores averaged into the mean Dice: those of `mean_indices` present in some validation label.
+
+        A class that no validation case holds scores 1 in every case once the network stops predicting it (Dice
+        of two empty maps), which would inflate the mean that selects the best checkpoint; it is left out. When
+        no class is present at all, every class counts.
+        """
+        included = [index for index in self.mean_indices if present[index]]
+        return included or list(self.mean_indices)
+
     def on_validation_epoch_end(self) -> None:
-        totals = torch.cat([self.val_dice_sum, self.val_loss_sum[None], self.val_cases[None]])
+        n_scores = len(self.class_names)
+        totals = torch.cat([self.val_dice_sum, self.val_present, self.val_loss_sum[None], self.val_cases[None]])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         cases = max(float(totals[-1]), 1.0)
-        dice = (totals[:-2] / cases).float()
-        mean_dice = float(dice[self.mean_indices].mean())
+        dice = (totals[:n_scores] / cases).float()
+        included = self.mean_classes((totals[n_scores:2 * n_scores] > 0).tolist())
+        mean_dice = float(dice[included].mean())
         if self.trainer.state.fn == TrainerFn.FITTING and mean_dice > self.best_dice:
             self.best_dice, self.best_epoch = mean_dice, self.current_epoch
         self.epoch_metrics = {
@@ -188,6 +214,9 @@ class NNUnet(pl.LightningModule):
             "val_loss": float(totals[-2] / cases),
             "cases": int(totals[-1]),
         }
+        absent = [index for index in self.mean_indices if index not in included]
+        if absent:  # named 1-based, as D1, D2, ... in the log lines
+            self.epoch_metrics["dice_absent"] = [index + 1 for index in absent]
         # Every rank holds the same reduced values, so logging needs no further synchronisation.
         self.log("dice_mean", mean_dice, sync_dist=False)
         self.log("val_loss", self.epoch_metrics["val_loss"], sync_dist=False)

@@ -29,7 +29,7 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from nnunet.callbacks import LAST
+from nnunet.callbacks import LAST, check_finite_loss
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
@@ -111,6 +111,7 @@ class PreemptionCheckpoint(pl.Callback):
         return trainer.strategy.reduce_boolean_decision(self.received is not None, all=False)
 
     def _stop(self, trainer: pl.Trainer) -> None:
+        check_finite_loss(trainer, trainer.lightning_module)  # never replace a good checkpoint with NaN weights
         path = self.dirpath / LAST
         trainer.save_checkpoint(path, weights_only=False)
         signum = self.received if self.received is not None else int(signal.SIGTERM)  # a peer's signal under DDP

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import sys
 from argparse import Namespace
 from pathlib import Path
@@ -20,14 +21,15 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from tqdm import tqdm
 
 from data_loading.data_module import DataModule
+from data_preprocessing.plans import check_plan_memory
 from data_preprocessing.preprocessor import case_meta, image_cases, load_case, preprocess_arrays
-from nnunet.callbacks import LAST, AtomicCheckpointIO, CheckpointSaver, EpochLogger
+from nnunet.callbacks import LAST, AtomicCheckpointIO, CheckpointSaver, EpochLogger, FiniteLossGuard
 from nnunet.mlperf import MLPerfLogger, MLPerfReport, QualityThreshold
 from nnunet.nn_unet import PREDICTIONS, NNUnet
 from nnunet.preemption import PreemptionCheckpoint, StopPredictionOnSigterm
 from utils.args import accelerator_kind
 from utils.errors import UserError
-from utils.io import check_writable, remove_stale_temporaries
+from utils.io import check_writable, remove_stale_temporaries, removing_new_empty_folders
 
 CHECKPOINTS = "checkpoints"
 
@@ -141,8 +143,14 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
         raise UserError(f"checkpoint {path} does not exist")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as error:
+        if "weights only" not in str(error).lower():
+            raise UserError(f"{path} is not a readable checkpoint ({_first_line(error)})") from None
+        # torch's message advises loading with weights_only=False, which runs any code the file holds.
+        raise UserError(f"{path} is not a safe checkpoint: it holds Python objects beyond tensors and plain "
+                        f"values, which could run code when loaded; use a checkpoint written by this program") from None
     except Exception as error:  # torch raises many types for damaged or foreign files
-        raise UserError(f"{path} is not a readable checkpoint ({type(error).__name__}: {error})") from None
+        raise UserError(f"{path} is not a readable checkpoint ({_first_line(error)})") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint or "hyper_parameters" not in checkpoint:
         raise UserError(f"{path} is not a checkpoint written by this program (no weights or hyper-parameters)")
     hparams = checkpoint["hyper_parameters"]
@@ -150,6 +158,11 @@ def read_checkpoint(path: str | os.PathLike) -> dict:
             not isinstance(hparams.get("args"), dict) or not isinstance(checkpoint["state_dict"], dict):
         raise UserError(f"{path} is not a checkpoint written by this program (no task plan or arguments)")
     return checkpoint
+
+
+def _first_line(error: BaseException) -> str:
+    lines = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {lines[0]}" if lines else type(error).__name__
 
 
 def model_from_checkpoint(path: str | os.PathLike, args: Namespace | None = None,
@@ -226,6 +239,10 @@ def check_fits(model: NNUnet, checkpoint: dict, path: str | os.PathLike) -> None
 # ----------------------------------------------------------------------------------------------
 def train(args: Namespace) -> NNUnet:
     config = load_task_config(args.data)
+    if isinstance(config.get("patch_size"), list):  # before any output: an absurd plan fails here, not in DALI
+        patch = config["patch_size"][-(args.dim or config.get("dim", 3)):]
+        check_plan_memory(patch, int(config.get("in_channels", 1)), args.batch_size,
+                          str(Path(args.data) / "config.json"))
     results = Path(args.results)
     checkpoints = results / CHECKPOINTS
     # Before any work: a results folder that cannot be written would otherwise fail after the first epoch.
@@ -247,6 +264,7 @@ def train(args: Namespace) -> NNUnet:
         load_weights(model, args.ckpt_path)
     datamodule = DataModule(args)
     callbacks: list[pl.Callback] = [
+        FiniteLossGuard(),  # first: an epoch whose loss is not finite is neither logged nor saved
         EpochLogger(results, args.logname, vars(args), names=model.class_names if args.brats else None,
                     report=MLPerfReport() if args.log_line == "mlperf" else None),
         EarlyStopping(monitor="dice_mean", mode="max", patience=args.patience, strict=False,
@@ -302,7 +320,9 @@ def evaluate(args: Namespace) -> dict:
 def format_dice_table(names: list[str], metrics: dict, mean_name: str = "mean") -> str:
     rows = [f"{'class':<24} {'Dice':>8}"]
     rows += [f"D{i + 1} {name:<21} {value:8.4f}" for i, (name, value) in enumerate(zip(names, metrics["dice"]))]
-    rows.append(f"{mean_name:<24} {metrics['dice_mean']:8.4f}")
+    absent = metrics.get("dice_absent")
+    note = f"  (without {', '.join(names[i - 1] for i in absent)}: in no validation label)" if absent else ""
+    rows.append(f"{mean_name:<24} {metrics['dice_mean']:8.4f}{note}")
     rows.append(f"{'validation loss':<24} {metrics['val_loss']:8.4f}  ({metrics['cases']} cases)")
     return "\n".join(rows)
 
@@ -361,6 +381,13 @@ def report_predictions(args: Namespace, count: int) -> None:
 
 
 def run(args: Namespace) -> None:
+    """Run the mode of `args`; a run that fails leaves none of the results folders it created empty."""
+    results = Path(args.results)
+    with removing_new_empty_folders(results / CHECKPOINTS, results / PREDICTIONS):
+        _run(args)
+
+
+def _run(args: Namespace) -> None:
     if args.benchmark:
         # Imported here: the benchmark module builds on this one's trainer and checkpoint helpers.
         from nnunet.benchmark import benchmark

@@ -280,7 +280,13 @@ def evaluate_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--preds", required=True, help="folder of predicted <case>.nii.gz")
     parser.add_argument("--lbls", required=True, help="folder of label <case>.nii.gz")
-    parser.add_argument("--hd95", action="store_true", help="also the 95th-percentile Hausdorff distance in mm")
+    parser.add_argument("--hd95", action="store_true",
+                        help="also the 95th-percentile Hausdorff distance in mm, by default the larger of the two "
+                             "directed 95th percentiles of surface distances (MONAI's definition; see --hd95_mode)")
+    parser.add_argument("--hd95_mode", choices=["max", "pooled"], default="max",
+                        help="how --hd95 combines its two directions: max, the larger directed 95th percentile "
+                             "(MONAI); pooled, the 95th percentile of both directions' distances together (medpy, "
+                             "nnU-Net v1), never larger. The CSV and JSON outputs name the one used")
     parser.add_argument("--output", default=None,
                         help="path prefix for the CSV and JSON results (default: PREDS/evaluation)")
     parser.add_argument("--dataset_json", default=None,

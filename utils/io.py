@@ -97,6 +97,60 @@ def atomic_open(path: str | os.PathLike, mode: str = "wb") -> Iterator[BinaryIO]
                 os.unlink(tmp_name)
 
 
+class FolderBusy(UserError):
+    """Another process holds the lock of a folder this process means to write."""
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike, busy_message: str) -> Iterator[None]:
+    """Hold an exclusive lock on `folder` itself (fcntl.flock on the folder, no lock file) while the block runs.
+
+    The lock ends with the process however it ends, so a killed run never leaves the folder locked. Where
+    flock does not exist (Windows) the block runs unlocked.
+
+    Raises:
+        FolderBusy: `busy_message`, when another process holds the lock.
+        WriteError: the folder cannot be created or opened.
+    """
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError as error:
+        raise WriteError(folder, error) from None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise FolderBusy(busy_message) from None
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+@contextlib.contextmanager
+def removing_new_empty_folders(*folders: str | os.PathLike) -> Iterator[None]:
+    """Run the block; if it raises, remove those of `folders` (and their missing parents) that did not exist
+    before it and are still empty, so that a run that fails before writing anything leaves no trace."""
+    created: list[Path] = []
+    for folder in folders:
+        path = Path(folder).absolute()
+        while not path.exists() and path != path.parent:
+            created.append(path)
+            path = path.parent
+    try:
+        yield
+    except BaseException:
+        for path in sorted(set(created), key=lambda p: len(p.parts), reverse=True):
+            with contextlib.suppress(OSError):
+                path.rmdir()  # only an empty folder goes
+        raise
+
+
 def check_writable(folder: str | os.PathLike) -> None:
     """Create `folder` if needed and check that files can be created in it, before any long work starts.
 
@@ -192,6 +246,24 @@ def npy_problem(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -
     return None
 
 
+NONFINITE_CHUNK_BYTES = 64 << 20
+
+
+def npy_nonfinite_count(path: str | os.PathLike, chunk_bytes: int = NONFINITE_CHUNK_BYTES) -> int:
+    """How many NaN or infinite values a complete floating-point .npy file holds (0 for other types).
+
+    The file is memory-mapped and scanned in chunks of about `chunk_bytes`, so memory stays bounded
+    whatever the file's size; reading it costs one pass over the data.
+    """
+    array = np.load(path, mmap_mode="r", allow_pickle=False)
+    if array.dtype.kind not in "fc" or array.size == 0:
+        return 0
+    flat = array.reshape(-1, order="A")
+    step = max(1, chunk_bytes // array.dtype.itemsize)
+    return sum(int(flat.size - np.count_nonzero(np.isfinite(flat[start:start + step])))
+               for start in range(0, flat.size, step))
+
+
 def npy_is_complete(path: str | os.PathLike, shape: tuple[int, ...] | None = None) -> bool:
     """True when `path` is a readable .npy whose data is all there (and has `shape`, if given)."""
     return npy_problem(path, shape) is None
@@ -204,3 +276,20 @@ def remove_stale_temporaries(folder: str | os.PathLike) -> None:
         for leftover in folder.glob(f".*{TMP_SUFFIX}"):
             with contextlib.suppress(FileNotFoundError):
                 leftover.unlink()
+
+
+def machine_memory_bytes() -> int | None:
+    """The machine's physical memory in bytes, or None where the system does not say (POSIX sysconf)."""
+    try:
+        pages, page_size = os.sysconf("SC_PHYS_PAGES"), os.sysconf("SC_PAGE_SIZE")
+    except (AttributeError, ValueError, OSError):
+        return None
+    return pages * page_size if pages > 0 and page_size > 0 else None
+
+
+def format_bytes(n_bytes: float) -> str:
+    """A byte count for messages: '3.2 GB', '1.1 PB'."""
+    for unit, scale in (("EB", 1e18), ("PB", 1e15), ("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n_bytes >= scale:
+            return f"{n_bytes / scale:.1f} {unit}"
+    return f"{int(n_bytes)} bytes"

@@ -119,7 +119,8 @@ def test_cli_prints_table_and_writes_csv_and_json(task):
 
     with open(preds / "evaluation.csv", newline="") as file:
         rows = list(csv.reader(file))
-    assert rows[0] == ["case_id", "dice_1", "dice_2", "dice_3", "dice_mean", "hd95_1", "hd95_2", "hd95_3", "hd95_mean"]
+    assert rows[0] == ["case_id", "dice_1", "dice_2", "dice_3", "dice_mean", "hd95_1", "hd95_2", "hd95_3", "hd95_mean",
+                       "hd95_mode"]
     assert [row[0] for row in rows[1:]] == ["case_a", "case_b", "case_c", "MEAN"]
     for row, (pred, label), case in zip(rows[1:], arrays.values(), expected["cases"]):
         dice = [numpy_dice(pred, label, c) for c in (1, 2, 3)]
