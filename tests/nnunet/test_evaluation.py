@@ -150,7 +150,7 @@ def test_cli_infinite_hd95_is_null_in_json_and_inf_in_csv(tmp_path):
     assert saved["cases"][0] == {"case_id": "case_a", "dice": {"1": 0.0}, "hd95": {"1": None}}
     assert saved["mean_hd95"] is None
     rows = list(csv.reader((tmp_path / "preds" / "evaluation.csv").read_text().splitlines()))
-    assert rows[1] == ["case_a", "0.0", "0.0", "inf", "inf"]
+    assert rows[1] == ["case_a", "0.0", "0.0", "inf", "inf", "max"]
 
 
 def test_cli_output_prefix_and_uncompressed_nifti(tmp_path):
