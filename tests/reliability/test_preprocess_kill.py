@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 import preprocess
 from tests.factories import blob_case, write_msd_task
@@ -63,3 +66,31 @@ def test_damaged_outputs_of_a_finished_case_are_redone(tmp_path, capsys):
     assert "2 case(s) written, 1 already done" in capsys.readouterr().out
     assert outputs(folder) == clean
     assert np.load(image).ndim == 4
+
+
+def test_workers_exit_when_their_parent_is_killed(tmp_path):
+    psutil = pytest.importorskip("psutil")
+    write_msd_task(tmp_path / "raw", "Task49_Kill", [blob_case(f"case_{i}", seed=i) for i in range(6)])
+    parent = subprocess.Popen([sys.executable, "preprocess.py", "--task", "49", "--data", str(tmp_path / "raw"),
+                               "--results", str(tmp_path / "out"), "--n_jobs", "2"], cwd=ROOT,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        # The plan is written once the workers have planned the task: they are running and about to write cases.
+        while not (tmp_path / "out" / "49_3d" / "config.json").is_file():
+            assert parent.poll() is None and time.monotonic() < deadline, "preprocessing ended before the kill"
+            time.sleep(0.02)
+        children = psutil.Process(parent.pid).children(recursive=True)  # the workers and the resource tracker
+        assert sum("spawn_main" in " ".join(child.cmdline()) for child in children) == 2
+    finally:
+        parent.kill()
+        parent.wait()
+    try:
+        _, alive = psutil.wait_procs(children, timeout=10)  # polls; returns as soon as every one is gone
+        assert not alive, f"processes {[child.pid for child in alive]} outlived their killed parent"
+    finally:
+        for child in children:  # a failing run must not leave them behind
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    written = sorted(path.name for path in (tmp_path / "out").rglob("*"))
+    assert sorted(path.name for path in (tmp_path / "out").rglob("*")) == written  # nobody left to write
