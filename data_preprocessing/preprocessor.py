@@ -69,7 +69,7 @@ def read_nifti(path: Path, case_id: str, label: bool = False) -> tuple[nib.Nifti
     try:
         nifti = load_nifti(path)
     except NiftiError as error:
-        raise PreprocessingError(f"{case_id}: {error}") from None
+        raise PreprocessingError(f"{case_id}: cannot read {path}: {error.reason}") from None
     try:
         data = np.asanyarray(nifti.dataobj) if label else nifti.get_fdata(dtype=np.float32, caching="unchanged")
     except Exception as error:  # nibabel and zlib raise many types for damaged files

@@ -171,7 +171,7 @@ def read_label_volume(path: Path, role: str) -> LabelVolume:
     try:
         image = load_nifti(path)
     except NiftiError as error:
-        raise EvaluationError(f"{role} {error}") from None
+        raise EvaluationError(f"cannot read {role} {path}: {error.reason}") from None
     try:
         data = np.asanyarray(image.dataobj)
         affine = np.asarray(image.affine, dtype=np.float64)

@@ -28,7 +28,20 @@ STREAM_CHUNK = 1 << 20
 
 
 class NiftiError(UserError):
-    """A NIfTI file that cannot hold the image its header declares (or cannot be opened); names the file."""
+    """A NIfTI file that cannot hold the image its header declares (or cannot be opened); names the file.
+
+    Attributes:
+        path: the file.
+        reason: what is wrong with it, without the file's name.
+    """
+
+    def __init__(self, path: str | os.PathLike, reason: str) -> None:
+        self.path = Path(path)
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+    def __reduce__(self):
+        return type(self), (self.path, self.reason)  # crosses from a worker process to the parent intact
 
 
 def declared_bytes(image: nib.Nifti1Image) -> int:
@@ -106,11 +119,11 @@ def load_nifti(path: str | os.PathLike) -> nib.Nifti1Image:
         image = nib.load(str(path))
     except Exception as error:  # nibabel and gzip raise many types for damaged or foreign files
         message = " ".join(str(error).split()) or type(error).__name__
-        raise NiftiError(f"{path} is not a readable NIfTI file ({type(error).__name__}: {message})") from None
+        raise NiftiError(path, f"not a readable NIfTI file ({type(error).__name__}: {message})") from None
     try:
         problem = nifti_size_problem(path, image)
     except OSError as error:
-        raise NiftiError(f"cannot read {path}: {error.strerror or error}") from None
+        raise NiftiError(path, f"cannot be read ({error.strerror or error})") from None
     if problem:
-        raise NiftiError(f"{path}: {problem}")
+        raise NiftiError(path, problem)
     return image

@@ -97,7 +97,7 @@ def test_evaluate_refuses_the_lying_file_in_one_line(tmp_path, capsys):
     finally:
         tracemalloc.stop()
     error = one_line_error(capsys)
-    assert f"prediction {tmp_path / 'preds' / 'a.nii.gz'}: its header declares" in error
+    assert f"cannot read prediction {tmp_path / 'preds' / 'a.nii.gz'}: its header declares" in error
 
 
 # ---------------------------------------------------------------------------------------------
