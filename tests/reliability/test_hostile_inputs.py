@@ -239,7 +239,7 @@ def test_a_full_disk_while_saving_a_checkpoint_leaves_no_partial_file(synthetic_
     assert main.main(argv) == 1
     error = one_line_error(capsys)
     assert f"cannot write {results / 'checkpoints' / 'last.ckpt'}: No space left on device" in error
-    assert list((results / "checkpoints").iterdir()) == []
+    assert not (results / "checkpoints").exists()  # nothing was written in it, so the failed run removed it
 
 
 def test_a_full_disk_while_preprocessing_leaves_no_partial_case(tmp_path, capsys, monkeypatch):
