@@ -33,7 +33,15 @@ from data_loading.data_module import DataModule
 from data_preprocessing import configs
 from nnunet.network import set_layout
 from nnunet.nn_unet import NNUnet, network_patch_size
-from nnunet.run import accelerator, build_trainer, load_task_config, model_from_checkpoint
+from nnunet.run import (
+    accelerator,
+    amp_dtype,
+    build_trainer,
+    load_task_config,
+    model_from_checkpoint,
+    peak_memory_mib,
+    reset_peak_memory,
+)
 from utils.errors import UserError
 from utils.io import save_json
 from utils.logger import DLLogger, latency_summary, time_batches
@@ -187,7 +195,9 @@ def benchmark(args: Namespace) -> dict:
 
     Returns:
         The perf.json record: mode, device, devices, dim, patch_size, in_channels, batch_size,
-        global_batch_size, amp, warmup, steps, data, throughput (images/s), latency_mean and latency_90/95/99 (ms).
+        global_batch_size, amp, amp_dtype ("fp16", "bf16" or None), warmup, steps, data, throughput (images/s),
+        latency_mean and latency_90/95/99 (ms), and peak_memory_mib: the most CUDA memory tensors held during the
+        run (None off CUDA).
     """
     if args.exec_mode not in ("train", "predict"):
         raise UserError(f"--benchmark times --exec_mode train or predict, not {args.exec_mode}")
@@ -215,6 +225,7 @@ def benchmark(args: Namespace) -> dict:
         model = NNUnet(vars(args), config)
     timer = StepTimer(args.warmup)
     trainer = build_trainer(args, [timer], max_epochs=1, limit_val_batches=0, enable_progress_bar=False)
+    reset_peak_memory(trainer.strategy.root_device)
     if training:
         trainer.fit(model, **data)
     else:
@@ -231,16 +242,18 @@ def benchmark(args: Namespace) -> dict:
         "batch_size": args.batch_size,
         "global_batch_size": args.batch_size * trainer.world_size,
         "amp": bool(args.amp),
+        "amp_dtype": amp_dtype(args),
         "warmup": args.warmup,
         "steps": len(timer.step_seconds),
         "data": source,
         **latency_summary(timer.step_seconds, args.batch_size * trainer.world_size),
+        "peak_memory_mib": peak_memory_mib(trainer.strategy.root_device),
     }
     if trainer.is_global_zero:
         print(f"{record['mode']} benchmark ({record['device']} x{record['devices']}, {record['dim']}D patch "
-              f"{record['patch_size']}, batch {record['global_batch_size']}, {'amp' if record['amp'] else 'fp32'}, "
+              f"{record['patch_size']}, batch {record['global_batch_size']}, {record['amp_dtype'] or 'fp32'}, "
               f"{record['steps']} steps after {record['warmup']}): {record['throughput']:.2f} img/s, "
-              f"{latency_line(record)}", flush=True)
+              f"{latency_line(record)}{memory_note(record)}", flush=True)
         write_record(record, Path(args.results), args.logname)
     return record
 
@@ -272,6 +285,11 @@ def benchmark_loader(args: Namespace) -> dict:
           f"{record['throughput']:.2f} patches/s, {latency_line(record)}", flush=True)
     write_record(record, Path(args.results), args.logname)
     return record
+
+
+def memory_note(record: dict) -> str:
+    peak = record.get("peak_memory_mib")
+    return "" if peak is None else f", peak GPU memory {peak:.0f} MiB"
 
 
 def latency_line(record: dict) -> str:

@@ -55,15 +55,39 @@ def accelerator(args: Namespace) -> tuple[str, int]:
     return kind, devices
 
 
-def precision(args: Namespace) -> str:
-    """FP32, or with --amp fp16 with a gradient scaler on CUDA and bf16 autocast on the CPU."""
+def amp_dtype(args: Namespace) -> str | None:
+    """The autocast dtype of the run, "fp16" or "bf16", or None without --amp.
+
+    --amp_dtype when given, else fp16 (with a gradient scaler) on CUDA and bf16 on the CPU.
+    """
     if not args.amp:
-        return "32-true"
+        return None
     kind = accelerator(args)[0]
     if kind not in ("gpu", "cpu"):
-        raise UserError(f"--amp runs on CUDA (fp16) or the CPU (bf16); --accelerator {kind} trains in FP32: "
+        raise UserError(f"--amp runs on CUDA (fp16 or bf16) or the CPU (bf16); --accelerator {kind} trains in FP32: "
                         f"drop --amp")
-    return "16-mixed" if kind == "gpu" else "bf16-mixed"
+    chosen = getattr(args, "amp_dtype", None) or ("fp16" if kind == "gpu" else "bf16")
+    if chosen == "fp16" and kind == "cpu":
+        raise UserError("--amp_dtype fp16 runs on CUDA only; on the CPU use --amp_dtype bf16 (the default there)")
+    return chosen
+
+
+def precision(args: Namespace) -> str:
+    """The Lightning precision: "32-true", or with --amp "16-mixed" (fp16, gradient scaler) or "bf16-mixed"."""
+    return {None: "32-true", "fp16": "16-mixed", "bf16": "bf16-mixed"}[amp_dtype(args)]
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Start counting the peak of allocated CUDA memory afresh (nothing to do on other devices)."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mib(device: torch.device) -> float | None:
+    """The most CUDA memory that tensors held since `reset_peak_memory`, in MiB; None off CUDA."""
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**20
 
 
 def build_trainer(args: Namespace, callbacks: list[pl.Callback], max_epochs: int | None = None,
@@ -185,8 +209,8 @@ def model_from_checkpoint(path: str | os.PathLike, args: Namespace | None = None
                         f"(drop --dim, or use a {args.dim}D checkpoint)")
     if args is not None:
         for key in ("overlap", "blend", "val_batch_size", "tta", "save_preds", "save_probs", "overlay", "results",
-                    "data", "exec_mode", "amp", "gpus", "num_workers", "input", "benchmark", "test_batches",
-                    "warmup", "fold", "nfolds"):
+                    "data", "exec_mode", "amp", "amp_dtype", "gpus", "num_workers", "input", "benchmark",
+                    "test_batches", "warmup", "fold", "nfolds"):
             stored[key] = getattr(args, key)
     try:
         model = NNUnet(stored, config)
@@ -358,7 +382,7 @@ def predict_raw(args: Namespace) -> list[str]:
         raise UserError("--input predicts in one process: use one device (--gpus 1 or 0, --cpu_processes 1)")
     device = build_trainer(args, []).strategy.root_device
     model.to(device).eval()
-    dtype = (torch.float16 if device.type == "cuda" else torch.bfloat16) if args.amp else None
+    dtype = {None: None, "fp16": torch.float16, "bf16": torch.bfloat16}[amp_dtype(args)]
     cases = image_cases(folder, config["in_channels"])
     label_values = [int(k) for k in config["labels"]]
     for case in tqdm(cases, desc="predicting", unit="case", disable=None):

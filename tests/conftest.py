@@ -6,9 +6,21 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
 
 from data_preprocessing.preprocessor import preprocess_task
 from data_preprocessing.synthetic import make_synthetic_task
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `gpu` are skipped on a machine without CUDA."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if item.get_closest_marker("gpu"):
+            item.add_marker(skip)
+
 
 # A small network for the training tests: four levels of 8 to 64 channels.
 TINY_FILTERS = ["--filters", "8", "16", "32", "64"]

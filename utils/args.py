@@ -87,7 +87,11 @@ def main_parser() -> argparse.ArgumentParser:
                      help="with --gpus 0: data-parallel processes on the CPU (DDP over gloo)")
     run.add_argument("--seed", type=int, default=None, help="random seed for reproducible runs")
     run.add_argument("--amp", action="store_true",
-                     help="mixed precision: fp16 with a gradient scaler on CUDA, bf16 autocast on the CPU")
+                     help="mixed precision in the dtype of --amp_dtype: by default fp16 autocast with a gradient "
+                          "scaler on CUDA and bf16 autocast on the CPU")
+    run.add_argument("--amp_dtype", choices=["fp16", "bf16"], default=None,
+                     help="with --amp: the autocast dtype; fp16 (with a gradient scaler) is CUDA only, bf16 runs on "
+                          "CUDA (no scaler) and the CPU (default: fp16 on CUDA, bf16 on the CPU)")
     run.add_argument("--num_workers", type=positive_int, default=default_workers(),
                      help="DALI worker threads per process")
     run.add_argument("--dim", type=int, choices=[2, 3], default=None,
@@ -212,6 +216,8 @@ def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = main_parser().parse_args(argv)
     if args.dim == 2 and args.exec_mode == "train" and args.batch_size % args.nvol:
         main_parser().error(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
+    if args.amp_dtype is not None and not args.amp:
+        main_parser().error(f"--amp_dtype {args.amp_dtype} needs --amp")
     if args.task is not None and not args.benchmark:
         main_parser().error("--task needs --benchmark: it times random volumes with a task's plan; "
                             "without --benchmark the run uses the data at --data")

@@ -18,7 +18,8 @@ from utils.args import parse_main_args
 from utils.logger import read_logs, time_batches
 
 KEYS = {"mode", "device", "devices", "dim", "patch_size", "in_channels", "batch_size", "global_batch_size", "amp",
-        "warmup", "steps", "data", "throughput", "latency_mean", "latency_90", "latency_95", "latency_99"}
+        "amp_dtype", "warmup", "steps", "data", "throughput", "latency_mean", "latency_90", "latency_95", "latency_99",
+        "peak_memory_mib"}
 
 
 def count_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
@@ -57,6 +58,7 @@ def test_train_on_random_volumes_times_the_steps_after_the_warmup(tmp_path: Path
     record = json.loads((tmp_path / PERF_FILE).read_text())
     check_record(record, steps=3, batch=2)
     assert record["mode"] == "train" and record["patch_size"] == [40, 56, 40] and record["in_channels"] == 1
+    assert record["amp_dtype"] is None and record["peak_memory_mib"] is None  # FP32; no CUDA memory on the CPU
     logged = [r for r in read_logs(tmp_path / "logs.json") if r["step"] == "benchmark"]
     assert len(logged) == 1 and logged[0]["data"]["throughput"] == pytest.approx(record["throughput"])
     assert not list(tmp_path.glob(".*tmp"))  # perf.json was written atomically
@@ -71,6 +73,7 @@ def test_predict_2d_with_amp_on_random_volumes(tmp_path: Path, monkeypatch) -> N
     record = json.loads((tmp_path / PERF_FILE).read_text())
     check_record(record, steps=4, batch=4)
     assert record["dim"] == 2 and record["patch_size"] == [56, 40] and record["amp"] is True
+    assert record["amp_dtype"] == "bf16"
 
 
 @pytest.mark.parametrize("mode", ["train", "predict"])

@@ -80,16 +80,6 @@ def test_dice_per_class_rejects_bad_input(pred, target, n_class, message):
         dice_per_class(pred, target, n_class)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-def test_dice_per_class_on_cuda_matches_cpu():
-    generator = torch.Generator().manual_seed(2)
-    target = torch.randint(0, 3, (16, 16, 16), generator=generator, dtype=torch.uint8)
-    pred = torch.randint(0, 3, (16, 16, 16), generator=generator, dtype=torch.uint8)
-    on_gpu = dice_per_class(pred.cuda(), target.cuda(), 3)
-    assert on_gpu.device.type == "cuda"
-    assert on_gpu.cpu().tolist() == pytest.approx(dice_per_class(pred, target, 3).tolist())
-
-
 def test_dice_from_regions_overlapping_regions():
     # BraTS-like regions of a label map: whole tumour {1, 2, 3}, tumour core {2, 3}, enhancing {3}.
     target = torch.tensor([0, 1, 1, 2, 3, 3, 0, 0])

@@ -244,6 +244,16 @@ def test_optimisation_flags_reach_the_optimizer_scheduler_and_trainer():
     assert trainer.precision == "bf16-mixed"  # --amp on the CPU
 
 
+def test_amp_dtype_reaches_the_trainer_precision(capsys):
+    assert build_trainer(parse_main_args([]), []).precision == "32-true"
+    assert build_trainer(parse_main_args(["--amp", "--amp_dtype", "bf16"]), []).precision == "bf16-mixed"
+    with pytest.raises(UserError, match="fp16 runs on CUDA only"):  # the CPU autocasts to bf16 only
+        build_trainer(parse_main_args(["--amp", "--amp_dtype", "fp16"]), [])
+    with pytest.raises(SystemExit):
+        parse_main_args(["--amp_dtype", "bf16"])
+    assert "--amp_dtype bf16 needs --amp" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("flag", ["--momentum", "--weight_decay", "--warmup_start_lr", "--gradient_clip_val"])
 def test_negative_rates_are_refused(flag, capsys):
     with pytest.raises(SystemExit):
