@@ -20,11 +20,12 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
+    """Run main.py with `argv`; `callbacks` are extra Lightning callbacks (tests and benchmarks add theirs)."""
     args = parse_main_args(argv)
     quiet_lightning()
     try:
-        run(args)
+        run(args, callbacks)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -11,7 +11,8 @@ def main(argv: list[str] | None = None) -> int:
     args = preprocess_parser().parse_args(argv)
     try:
         summary = preprocess_task(args.data, args.results, args.task, args.dim, args.exec_mode, args.n_jobs,
-                                  args.overwrite, plan=args.plan, kits_recipe=args.kits_recipe)
+                                  args.overwrite, plan=args.plan, kits_recipe=args.kits_recipe,
+                                  planner_name=args.planner)
     except UserError as error:  # bad input data, or an output that cannot be written
         print(f"error: {error}", file=sys.stderr)
         return 1

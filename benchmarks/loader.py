@@ -28,6 +28,7 @@ from data_loading.data_module import DataModule  # noqa: E402
 from utils.args import (  # noqa: E402
     Formatter,
     default_workers,
+    loader_settings,
     main_parser,
     non_negative_int,
     positive_int,
@@ -80,7 +81,7 @@ def dali_training_loader(args: argparse.Namespace, data: Path, batches: int) -> 
     main_args = main_parser().parse_args([
         "--data", str(data), "--batch_size", str(args.batch_size), "--num_workers", str(args.num_workers),
         "--oversampling", str(args.oversampling), "--nfolds", "1", "--seed", "0", "--train_batches", str(batches)])
-    module = DataModule(main_args)
+    module = DataModule(loader_settings(main_args))
     module.setup("fit")
     return module
 

@@ -144,7 +144,7 @@ def measure_training(data: Path, results: Path, epochs: int, train_batches: int)
     import pytorch_lightning as pl
 
     import main
-    import nnunet.run as run
+    from data_preprocessing.plans import read_config
 
     after_epoch: list[int] = []
 
@@ -152,16 +152,11 @@ def measure_training(data: Path, results: Path, epochs: int, train_batches: int)
         def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
             after_epoch.append(current_rss())
 
-    build = run.build_trainer
-    run.build_trainer = lambda args, callbacks, max_epochs=None: build(args, [Resident(), *callbacks], max_epochs)
-    try:
-        levels = len(json.loads((data / "config.json").read_text())["strides"])
-        filters = [str(min(8 * 2**level, 128)) for level in range(levels)]  # a small network of the plan's depth
-        code = main.main(["--exec_mode", "train", "--data", str(data), "--results", str(results), "--nfolds", "4",
-                          "--epochs", str(epochs), "--train_batches", str(train_batches), "--num_workers", "2",
-                          "--seed", "0", "--filters", *filters])
-    finally:
-        run.build_trainer = build
+    levels = len(read_config(data)["network"]["strides"])
+    filters = [str(min(8 * 2**level, 128)) for level in range(levels)]  # a small network of the plan's depth
+    code = main.main(["--exec_mode", "train", "--data", str(data), "--results", str(results), "--nfolds", "4",
+                      "--epochs", str(epochs), "--train_batches", str(train_batches), "--num_workers", "2",
+                      "--seed", "0", "--batch_size", "2", "--filters", *filters], callbacks=[Resident()])
     if code != 0:
         raise RuntimeError("training for the memory benchmark failed")
     return after_epoch

@@ -27,9 +27,9 @@ import torch
 
 from benchmarks import nnunet_v2
 from benchmarks.measure import Comparison
-from data_preprocessing.planner import default_filters, kernels_strides
 from nnunet.benchmark import benchmark, task_plan
-from nnunet.nn_unet import NNUnet
+from nnunet.nn_unet import NNUnet, model_settings
+from utils import args as cli
 from utils.args import parse_main_args
 
 MONAI = "MONAI (plain PyTorch)"
@@ -37,11 +37,18 @@ FP32_NOTE = "float32: nnU-Net v2 autocasts on CUDA only"
 
 
 def plan(task: str, filters: list[int] | None) -> tuple[dict, list, list, list[int]]:
-    """(task config, kernels, strides, filters) of MSD task `task`'s 3D plan, as `nnunet.network.build_unet` plans."""
+    """(task config, kernels, strides, filters) of MSD task `task`'s 3D plan and its default network."""
     config = task_plan(task, 3)
-    kernels, strides = kernels_strides(config["patch_size"], config["spacing"])
-    filters = list(filters or default_filters(len(kernels), 3))[: len(kernels)]
+    network = config["network"]
+    kernels, strides = network["kernels"], network["strides"]
+    filters = list(filters or network["features"])[: len(kernels)]
     return config, kernels, strides, filters
+
+
+def our_module(args: Namespace, config: dict) -> NNUnet:
+    """The LightningModule main.py builds for these arguments and plan."""
+    model = model_settings(config, 3, cli.model_flags(args), cli.targets(args), args.focal)
+    return NNUnet(config, model, cli.optim_settings(args), cli.inference_settings(args))
 
 
 def our_args(settings: Namespace, filters: list[int], steps: int, warmup: int, results: Path,
@@ -116,7 +123,9 @@ def compare_training(scratch: Path, settings: Namespace) -> list[Comparison]:
             "warmup": settings.warmup, "steps": settings.steps, "threads": torch.get_num_threads()}
 
     def ours(steps: int) -> float:
-        return benchmark(our_args(settings, filters, steps, settings.warmup, scratch / "ours_train"))["latency_mean"]
+        args = our_args(settings, filters, steps, settings.warmup, scratch / "ours_train")
+        return benchmark(cli.benchmark_settings(args), cli.loader_settings(args), cli.device_settings(args),
+                         cli.model_flags(args), cli.optim_settings(args))["latency_mean"]
 
     def monai(steps: int) -> float:
         return 1000 * monai_training_seconds(network, config, settings.batch_size, steps, settings.warmup,
@@ -150,7 +159,7 @@ def compare_prediction(scratch: Path, settings: Namespace) -> list[Comparison]:
     shape = list(settings.volume_shape or [2 * size for size in config["patch_size"]])
     stage = f"predict {'x'.join(map(str, shape))}, task {config['task']}{', amp' if settings.amp else ''}"
     args = our_args(settings, filters, 1, 0, scratch / "ours_predict", mode="predict")
-    model = NNUnet(vars(args), config).eval()
+    model = our_module(args, config).eval()
     network = monai_network(config, kernels, strides, filters).eval()
     image = torch.randn(1, config["in_channels"], *shape, generator=torch.Generator().manual_seed(0))
     window_batch = args.val_batch_size

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import os
 import random
-from argparse import Namespace
 from pathlib import Path
 
 import numpy as np
@@ -38,13 +37,13 @@ from data_loading.dali_loader import (
     training_pipeline,
     volume_pipeline,
 )
-from utils.args import accelerator_kind
+from data_preprocessing.plans import CONFIG, network_window, read_config
 from utils.errors import UserError
 from utils.io import npy_nonfinite_count, npy_problem, read_npy_header
+from utils.settings import LoaderSettings
 
 IMAGE_SUFFIX = "_x.npy"
 LABEL_SUFFIX = "_y.npy"
-CONFIG = "config.json"
 SPLITS = "splits.json"
 TEST_FOLDER = "test"
 VAL_FOLDER = "val"
@@ -59,22 +58,6 @@ RESUME_SEED_STRIDE = 104729
 # ---------------------------------------------------------------------------------------------
 # Folders, cases and folds
 # ---------------------------------------------------------------------------------------------
-def read_config(folder: Path) -> dict:
-    """The task's config.json, with a one-line error if it is missing or unreadable."""
-    path = folder / CONFIG
-    if not folder.is_dir():
-        raise UserError(f"{folder} does not exist: point --data at a preprocessed task folder such as /data/01_3d")
-    if not path.is_file():
-        raise UserError(f"{folder} has no {CONFIG}: point --data at a task folder written by preprocess.py")
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, ValueError) as error:
-        raise UserError(f"{path} is not readable JSON ({error}); re-run preprocess.py") from None
-    if "patch_size" not in config:
-        raise UserError(f"{path} has no patch_size; re-run preprocess.py")
-    return config
-
-
 def find_cases(folder: Path, labelled: bool) -> list[str]:
     """Sorted case ids of `folder`: each `<case>_x.npy`, paired with `<case>_y.npy` when `labelled`.
 
@@ -198,9 +181,8 @@ class DataModule(pl.LightningDataModule):
     """Folds, shards and DALI loaders of a preprocessed task.
 
     Args:
-        args: the parsed arguments of `utils.args.main_parser()`; read here: data, exec_mode, dim,
-            nfolds, fold, batch_size, nvol, oversampling, no_rotation, num_workers, seed, gpus,
-            benchmark, warmup, train_batches, test_batches.
+        settings: the folder, mode, fold and sampling (`utils.settings.LoaderSettings`). The batch size is the
+            task plan's unless the settings give one.
         global_rank, world_size, local_rank: this process's place; by default taken from the
             attached Trainer in `setup`, else from torch.distributed, else a single process.
 
@@ -212,13 +194,13 @@ class DataModule(pl.LightningDataModule):
         (`warmup + test_batches`) batches per epoch, so that the timed steps follow the warmup.
     """
 
-    def __init__(self, args: Namespace, global_rank: int | None = None, world_size: int | None = None,
+    def __init__(self, settings: LoaderSettings, global_rank: int | None = None, world_size: int | None = None,
                  local_rank: int | None = None) -> None:
         super().__init__()
-        self.args = args
+        self.settings = settings
         self._placement = (global_rank, world_size, local_rank)
-        data = Path(args.data)
-        self.predicting = args.exec_mode == "predict"
+        data = Path(settings.data)
+        self.predicting = settings.mode == "predict"
         if self.predicting:
             self.task_dir, self.case_dir = prediction_folders(data)
         else:
@@ -236,30 +218,28 @@ class DataModule(pl.LightningDataModule):
             self.train_cases, self.val_cases = self.split(cases)
             self.test_cases = []
 
-        self.dim = args.dim or int(self.config.get("dim", len(self.config["patch_size"])))
-        patch = [int(s) for s in self.config["patch_size"]]
-        if self.dim == 3 and len(patch) != 3:
-            raise UserError(f"{self.task_dir / CONFIG} plans a 2D patch {patch}; a 3D network needs data "
-                            f"preprocessed with --dim 3")
-        self.patch_size = patch[-self.dim:]
-        if self.dim == 2 and args.exec_mode == "train" and args.batch_size % args.nvol:
-            raise UserError(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
-        self.seed = args.seed if args.seed is not None else random.SystemRandom().randrange(2**31)
+        self.dim = settings.dim or int(self.config["dim"])
+        self.patch_size = network_window(self.config, self.dim)
+        self.batch_size = settings.batch_size or int(self.config["batch_size"])
+        if self.dim == 2 and settings.mode == "train" and self.batch_size % settings.nvol:
+            raise UserError(f"the batch size {self.batch_size} must be a multiple of --nvol {settings.nvol} in 2D; "
+                            f"set --batch_size or --nvol")
+        self.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         self.rank, self.world_size, self.local_rank = 0, 1, 0
         self.device: Device = select_device(self.cuda_devices, 0)
         self._loaders: dict[str, DaliLoader] = {}
 
     @property
     def cuda_devices(self) -> int:
-        """GPUs for the DALI pipelines: those of --gpus on CUDA; none (the CPU) for any other accelerator."""
-        return max(self.args.gpus, 1) if accelerator_kind(self.args) == "gpu" else 0
+        """GPUs for the DALI pipelines (0: the CPU pipelines)."""
+        return self.settings.cuda_devices
 
     def split(self, cases: list[str]) -> tuple[list[str], list[str]]:
         """Training and validation cases of --fold: from splits.json when the task has one, else K-fold."""
         splits = self.task_dir / SPLITS
         if splits.is_file():
-            return read_splits(splits, cases, self.args.fold)
-        return split_cases(cases, self.args.nfolds, self.args.fold)
+            return read_splits(splits, cases, self.settings.fold)
+        return split_cases(cases, self.settings.nfolds, self.settings.fold)
 
     def fold_cases(self, cases: list[str]) -> list[str]:
         """Of the cases in a val/ folder, those in the validation split of --fold (all of them when the
@@ -289,7 +269,7 @@ class DataModule(pl.LightningDataModule):
         if not self.predicting:
             for what, cases in (("training", self.train_cases), ("validation", self.val_cases)):
                 if len(cases) < world:
-                    raise UserError(f"fold {self.args.fold} has {len(cases)} {what} cases for {world} processes; "
+                    raise UserError(f"fold {self.settings.fold} has {len(cases)} {what} cases for {world} processes; "
                                     f"use fewer GPUs or processes, or a smaller --nfolds")
         elif len(self.test_cases) < world:
             raise UserError(f"{self.case_dir} has {len(self.test_cases)} cases for {world} processes; "
@@ -320,7 +300,7 @@ class DataModule(pl.LightningDataModule):
     # -----------------------------------------------------------------------------------------
     def train_dataloader(self) -> DaliLoader:
         if "train" not in self._loaders:
-            self._loaders["train"] = self._benchmark_loader(self.train_shard, True) if self.args.benchmark \
+            self._loaders["train"] = self._benchmark_loader(self.train_shard, True) if self.settings.benchmark \
                 else self._training_loader()
         return self._loaders["train"]
 
@@ -333,7 +313,7 @@ class DataModule(pl.LightningDataModule):
         if not self.predicting:
             raise UserError("test cases are read with --exec_mode predict (from the task's test/ folder)")
         if "test" not in self._loaders:
-            self._loaders["test"] = self._benchmark_loader(self.test_shard, False) if self.args.benchmark \
+            self._loaders["test"] = self._benchmark_loader(self.test_shard, False) if self.settings.benchmark \
                 else self._volume_loader(self.test_shard, labelled=False)
         return self._loaders["test"]
 
@@ -344,7 +324,7 @@ class DataModule(pl.LightningDataModule):
         return [str(self.case_dir / (case + suffix)) for case in cases]
 
     def _pipeline_options(self, batch_size: int) -> dict:
-        return dict(batch_size=batch_size, num_threads=self.args.num_workers, device_id=self.device.device_id,
+        return dict(batch_size=batch_size, num_threads=self.settings.num_workers, device_id=self.device.device_id,
                     seed=(self.seed + RANK_SEED_STRIDE * self.rank) % 2**31, prefetch_queue_depth=PREFETCH_QUEUE_DEPTH)
 
     def _volumes_per_step(self) -> tuple[int, list[int]]:
@@ -355,9 +335,9 @@ class DataModule(pl.LightningDataModule):
         gives one slice.
         """
         if self.dim == 3:
-            return self.args.batch_size, list(self.patch_size)
-        volumes = self.args.batch_size if self.predicting else self.args.nvol
-        return volumes, [self.args.batch_size // volumes, *self.patch_size]
+            return self.batch_size, list(self.patch_size)
+        volumes = self.batch_size if self.predicting else self.settings.nvol
+        return volumes, [self.batch_size // volumes, *self.patch_size]
 
     def _training_loader(self) -> DaliLoader:
         volumes, crop_shape = self._volumes_per_step()
@@ -369,10 +349,10 @@ class DataModule(pl.LightningDataModule):
         options["seed"] = (options["seed"] + RESUME_SEED_STRIDE * epoch) % 2**31
         pipeline = training_pipeline(
             image_files=self._files(cases, IMAGE_SUFFIX), label_files=self._files(cases, LABEL_SUFFIX),
-            crop_shape=crop_shape, oversampling=self.args.oversampling,
-            augment=Augmentations(rotation=not self.args.no_rotation), device=self.device,
+            crop_shape=crop_shape, oversampling=self.settings.oversampling,
+            augment=Augmentations(rotation=self.settings.rotation), device=self.device,
             shuffle_seed=options["seed"], planar=self.dim == 2, **options)
-        length = training_length(len(self.train_cases), volumes, self.world_size, self.args.train_batches)
+        length = training_length(len(self.train_cases), volumes, self.world_size, self.settings.train_batches)
         return DaliLoader(pipeline, ["image", "label"], length, slabs=self.dim == 2)
 
     def _benchmark_loader(self, cases: list[str], labelled: bool) -> DaliLoader:
@@ -384,16 +364,16 @@ class DataModule(pl.LightningDataModule):
             crop_shape=crop_shape, device=self.device, shuffle_seed=options["seed"], planar=self.dim == 2,
             **options)
         if labelled:
-            timed = training_length(len(self.train_cases), volumes, self.world_size, self.args.train_batches)
+            timed = training_length(len(self.train_cases), volumes, self.world_size, self.settings.train_batches)
         else:
-            timed = self.args.test_batches or len(cases)
+            timed = self.settings.test_batches or len(cases)
         keys = ["image", "label"] if labelled else ["image"]
-        return DaliLoader(pipeline, keys, self.args.warmup + timed, slabs=self.dim == 2)
+        return DaliLoader(pipeline, keys, self.settings.warmup + timed, slabs=self.dim == 2)
 
     def _volume_loader(self, cases: list[str], labelled: bool) -> DaliLoader:
-        if self.args.test_batches:
+        if self.settings.test_batches:
             # The reader then cycles through exactly the cases of one epoch.
-            cases = cases[: self.args.test_batches]
+            cases = cases[: self.settings.test_batches]
         pipeline = volume_pipeline(
             image_files=self._files(cases, IMAGE_SUFFIX),
             label_files=self._files(cases, LABEL_SUFFIX) if labelled else None,

@@ -159,9 +159,3 @@ def suggest_batch_size(patch_size: Sequence[int]) -> int:
     if len(patch_size) == 3:
         return int(np.clip(2 * VOXEL_BUDGET_3D // voxels, 2, 8))
     return int(np.clip(64 * 192 * 160 // voxels, 2, 64))
-
-
-def default_filters(n_levels: int, dim: int) -> list[int]:
-    """nnU-Net's channel counts: 32 doubling per level, capped at 320 (3D) or 512 (2D)."""
-    cap = 320 if dim == 3 else 512
-    return [min(32 * 2**level, cap) for level in range(n_levels)]

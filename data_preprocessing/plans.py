@@ -1,11 +1,13 @@
 """The plan of a task (its `config.json`): checking a planned or hand-edited plan against the dataset.
 
 A plan fixes how every case is preprocessed (target spacing, patch size, normalisation, padding)
-and what the network is built for (channels, classes, kernels and strides). `preprocess.py --plan
+and the whole network (channels, classes, and under "network" its kind, features, kernels, strides,
+blocks per stage, normalisation and deep-supervision heads) with its batch size. `preprocess.py --plan
 FILE` takes a plan instead of planning from the data; a `config.json` edited in place is read the
-same way on the next run. Either is checked here before any case is written, and completed:
-`kernels`, `strides` (and `batch_size` when missing) follow from the patch size and the spacing,
-`task`, `task_name` and the dataset's own facts come from the dataset.
+same way on the next run. Either is checked here before any case is written, and completed: a missing
+`network` (and `batch_size`) comes from the plan's `planner` preset for its patch size and spacing,
+`task`, `task_name` and the dataset's own facts come from the dataset. Training builds exactly the
+network written here (`read_config` is the one reader of a preprocessed task's config.json).
 
 Each preprocessed case records the digest of the plan values that shaped its arrays, so a case
 made under another plan is preprocessed again rather than skipped.
@@ -22,11 +24,17 @@ from pathlib import Path
 
 from data_preprocessing import planner
 from data_preprocessing.layouts import PreprocessingError, RawTask, read_json_object
+from data_preprocessing.network_plan import PLANNERS, check_patch, plan_network
+from utils.errors import UserError
 from utils.io import format_bytes, machine_memory_bytes
+from utils.settings import NetworkPlan
 
+CONFIG = "config.json"
 REQUIRED_KEYS = ("dim", "spacing", "patch_size", "normalization", "in_channels", "n_class")
-OPTIONAL_KEYS = ("task", "task_name", "modalities", "labels", "batch_size", "kernels", "strides", "regions",
+OPTIONAL_KEYS = ("task", "task_name", "modalities", "labels", "batch_size", "network", "planner", "regions",
                  "pad_mode", "png_masks", "recipe")
+# Plans written before the network was part of the plan: these keys followed from the patch and are planned again.
+LEGACY_KEYS = ("kernels", "strides")
 # The plan values that decide a preprocessed case's arrays.
 PREPROCESSING_KEYS = ("dim", "spacing", "patch_size", "normalization", "labels", "in_channels", "pad_mode")
 PAD_MODES = ("constant", "edge")
@@ -81,8 +89,8 @@ def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
         where: the plan's file, for messages.
 
     Returns:
-        The config: the plan's values with `task`, `task_name`, `modalities`, `labels`, `regions`, `kernels`,
-        `strides` and `batch_size` filled in (see docs/data_format.md).
+        The config: the plan's values with `task`, `task_name`, `modalities`, `labels`, `regions`, `planner`,
+        `network` and `batch_size` filled in (see docs/data_format.md).
 
     Raises:
         PreprocessingError: one line naming the plan and the problem: a missing or unknown key, a value of the
@@ -91,7 +99,7 @@ def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
     missing = [key for key in REQUIRED_KEYS if key not in plan]
     if missing:
         raise PreprocessingError(f"{where}: the plan has no {', '.join(repr(k) for k in missing)}")
-    unknown = sorted(set(plan) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS))
+    unknown = sorted(set(plan) - set(REQUIRED_KEYS) - set(OPTIONAL_KEYS) - set(LEGACY_KEYS))
     if unknown:
         raise PreprocessingError(f"{where}: unknown plan key(s) {', '.join(repr(k) for k in unknown)}")
     if plan["dim"] != dim:
@@ -122,6 +130,7 @@ def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
     pad_mode = plan.get("pad_mode", "constant")
     if pad_mode not in PAD_MODES:
         raise PreprocessingError(f"{where}: 'pad_mode' must be one of {', '.join(PAD_MODES)}, got {pad_mode!r}")
+    network, planner_name = plan_network_of(plan, where)
     batch_size = plan.get("batch_size", planner.suggest_batch_size(patch))
     if not _is_count(batch_size):
         raise PreprocessingError(f"{where}: 'batch_size' must be a positive integer, got {batch_size!r}")
@@ -134,10 +143,6 @@ def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
         if not valid:
             raise PreprocessingError(f"{where}: 'regions' must be a list of {{\"name\", \"labels\": [foreground "
                                      f"label values]}}, got {regions!r}")
-    kernels, strides = planner.kernels_strides(patch, spacing[-dim:])
-    if len(strides) < 2:
-        raise PreprocessingError(f"{where}: 'patch_size' {patch} is too small for a U-Net: no axis can be halved "
-                                 f"(an axis needs an even size of at least 8 voxels)")
     config = {
         "task": raw.key,
         "task_name": raw.name,
@@ -150,8 +155,8 @@ def check_plan(plan: dict, raw: RawTask, dim: int, where: str) -> dict:
         "patch_size": list(patch),
         "normalization": normalization,
         "batch_size": batch_size,
-        "kernels": kernels,
-        "strides": strides,
+        "planner": planner_name,
+        "network": network.to_dict(),
     }
     if regions:
         config["regions"] = regions
@@ -186,3 +191,102 @@ def plan_digest(config: dict) -> str:
     values = {key: config.get(key) for key in PREPROCESSING_KEYS}
     values["labels"] = sorted(values["labels"] or {}, key=int)  # the values matter, not the class names
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def plan_network_of(plan: dict, where: str) -> tuple[NetworkPlan, str]:
+    """The network a plan describes, and its preset: its "network" object, checked against its patch size, or
+    (a plan without one) the network its `planner` preset gives for its patch and spacing.
+
+    Raises:
+        PreprocessingError: one line naming `where` and the problem.
+    """
+    planner_name = plan.get("planner", "default")
+    if planner_name not in PLANNERS:
+        raise PreprocessingError(f"{where}: 'planner' must be one of {', '.join(PLANNERS)}, got {planner_name!r}")
+    patch, dim = list(plan["patch_size"]), len(plan["patch_size"])
+    try:
+        if "network" in plan:
+            network = NetworkPlan.from_dict(plan["network"], where)
+            if network.dim != dim:
+                raise ValueError(f"{where}: the network's kernels have {network.dim} axes but the patch {patch} "
+                                 f"has {dim}")
+        else:
+            network = plan_network(patch, list(plan["spacing"])[-dim:], planner_name)
+        check_patch(network, patch, where)
+    except ValueError as error:
+        message = str(error)
+        if "stages" in message and "network" not in plan:
+            message = (f"{where}: 'patch_size' {patch} is too small for a U-Net: fewer than 2 stages fit (an axis "
+                       f"needs an even size of at least 8 voxels to be halved)")
+        raise PreprocessingError(message if message.startswith(where) else f"{where}: {message}") from None
+    return network, planner_name
+
+
+def read_config(data: str | os.PathLike) -> dict:
+    """The config.json of a preprocessed task folder, or of the task above a val/ or test/ folder of cases,
+    completed by `complete_config`.
+
+    Raises:
+        UserError: one line naming the folder: no such folder, no config.json, or an unreadable or invalid one.
+    """
+    data = Path(data)
+    if not data.is_dir():
+        raise UserError(f"{data} does not exist: point --data at a preprocessed task folder such as /data/01_3d")
+    for folder in (data, data.parent):
+        path = folder / CONFIG
+        if path.is_file():
+            break
+    else:
+        raise UserError(f"{data} has no {CONFIG}: point --data at a task folder written by preprocess.py")
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} is not readable JSON ({error}); re-run preprocess.py") from None
+    return complete_config(config, str(path))
+
+
+def complete_config(config: object, where: str) -> dict:
+    """A task config with its network: a config written before the network was part of the plan gets the
+    network its preset plans for its patch, which is the network it was trained with.
+
+    Raises:
+        UserError: one line naming `where`: not a plan, missing entries, or a network that does not fit.
+    """
+    if not isinstance(config, dict):
+        raise UserError(f"{where} does not hold a plan (a JSON object); re-run preprocess.py")
+    missing = [key for key in ("patch_size", "spacing", "in_channels", "n_class", "labels") if key not in config]
+    if missing:
+        raise UserError(f"{where} has no {', '.join(missing)}; re-run preprocess.py")
+    network, planner_name = plan_network_of(config, where)
+    config = {key: value for key, value in config.items() if key not in LEGACY_KEYS}
+    config.update(network=network.to_dict(), planner=planner_name)
+    config.setdefault("dim", len(config["patch_size"]))
+    config.setdefault("batch_size", planner.suggest_batch_size(config["patch_size"]))
+    return config
+
+
+def network_window(config: dict, dim: int | None = None) -> list[int]:
+    """The network's input window: the task's patch, in-plane only for a 2D network on 3D data.
+
+    Raises:
+        UserError: a 3D network asked of a task preprocessed for 2D.
+    """
+    patch = [int(size) for size in config["patch_size"]]
+    dim = dim or len(patch)
+    if dim == 3 and len(patch) != 3:
+        raise UserError(f"a 3D network needs data preprocessed with --dim 3; this task was preprocessed for 2D "
+                        f"(patch {patch})")
+    return patch[-dim:]
+
+
+def task_network(config: dict, dim: int | None = None) -> NetworkPlan:
+    """The network of a task's plan for a `dim`-D network: the plan's own, or for a 2D network on data
+    preprocessed for 3D, the plan's preset planned again for the in-plane window."""
+    network = NetworkPlan.from_dict(config["network"], CONFIG)
+    window = network_window(config, dim)
+    if len(window) == network.dim:
+        return network
+    try:
+        return plan_network(window, list(config["spacing"])[-len(window):], config.get("planner", "default"))
+    except ValueError as error:
+        raise UserError(str(error)) from None

@@ -20,7 +20,6 @@ its augmentations, in patches/s.
 from __future__ import annotations
 
 import time
-from argparse import Namespace
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,20 +30,17 @@ import torch
 
 from data_loading.data_module import DataModule
 from data_preprocessing import configs
+from data_preprocessing.network_plan import plan_network
+from data_preprocessing.planner import suggest_batch_size
+from data_preprocessing.plans import network_window, read_config
+from nnunet.checkpoints import model_from_checkpoint
 from nnunet.network import set_layout
-from nnunet.nn_unet import NNUnet, network_patch_size
-from nnunet.run import (
-    accelerator,
-    amp_dtype,
-    build_trainer,
-    load_task_config,
-    model_from_checkpoint,
-    peak_memory_mib,
-    reset_peak_memory,
-)
+from nnunet.nn_unet import NNUnet, model_settings
+from nnunet.trainer import accelerator, amp_dtype, build_trainer, peak_memory_mib, reset_peak_memory
 from utils.errors import UserError
 from utils.io import save_json
 from utils.logger import DLLogger, latency_summary, time_batches
+from utils.settings import BenchmarkSettings, DeviceSettings, LoaderSettings, OptimSettings
 
 PERF_FILE = "perf.json"
 
@@ -151,13 +147,16 @@ def task_plan(task: str, dim: int) -> dict:
         dim: 2 or 3.
 
     Returns:
-        dim, in_channels, n_class, labels, spacing (mm, (D, H, W)) and patch_size ((D, H, W), or (H, W) in 2D).
+        dim, in_channels, n_class, labels, spacing (mm, (D, H, W)), patch_size ((D, H, W), or (H, W) in 2D),
+        batch_size and network (the default preset's for that patch).
     """
     number = configs.task_number(task)
     if number not in configs.MSD_CHANNELS:
         raise UserError(f"--task {task} is not an MSD task with a known plan; use 01 to 10, or benchmark a "
                         f"preprocessed task with --data")
     classes = configs.MSD_CLASSES[number]
+    patch = list(configs.PATCH_SIZES[f"{number}_{dim}d"])
+    spacing = list(configs.SPACINGS[number])
     return {
         "task": number,
         "task_name": configs.MSD_TASKS[number],
@@ -165,8 +164,11 @@ def task_plan(task: str, dim: int) -> dict:
         "in_channels": configs.MSD_CHANNELS[number],
         "n_class": classes,
         "labels": {str(value): "background" if value == 0 else f"class {value}" for value in range(classes)},
-        "spacing": list(configs.SPACINGS[number]),
-        "patch_size": list(configs.PATCH_SIZES[f"{number}_{dim}d"]),
+        "spacing": spacing,
+        "patch_size": patch,
+        "batch_size": suggest_batch_size(patch),
+        "planner": "default",
+        "network": plan_network(patch, spacing[-dim:]).to_dict(),
     }
 
 
@@ -178,7 +180,7 @@ def random_batch(config: dict, dim: int, batch_size: int, labelled: bool, seed: 
         B = `batch_size`; without "label" unless `labelled`.
     """
     generator = torch.Generator().manual_seed(seed if seed is not None else 0)
-    shape = (batch_size, *network_patch_size(config, dim))
+    shape = (batch_size, *network_window(config, dim))
     batch = {"image": torch.randn(shape[0], config["in_channels"], *shape[1:], generator=generator)}
     if labelled:
         batch["label"] = torch.randint(0, config["n_class"], (shape[0], 1, *shape[1:]), generator=generator,
@@ -186,12 +188,19 @@ def random_batch(config: dict, dim: int, batch_size: int, labelled: bool, seed: 
     return batch
 
 
-def timed_steps(args: Namespace) -> int:
-    return args.train_batches if args.exec_mode == "train" else args.test_batches
+def benchmark(bench: BenchmarkSettings, loader: LoaderSettings, device: DeviceSettings, flags: dict | None = None,
+              optim: OptimSettings | None = None, callbacks: list[pl.Callback] | None = None) -> dict:
+    """Time training or prediction steps and report them (see the module docstring).
 
-
-def benchmark(args: Namespace) -> dict:
-    """Time `--exec_mode train` or `predict` steps and report them (see the module docstring).
+    Args:
+        bench: mode, warmup and timed steps, batch size, the MSD task of random volumes (or None: the data of
+            `loader`), a checkpoint to time, where to report.
+        loader: the data of a preprocessed task (unused with `bench.task`).
+        device: device and precision.
+        flags: model flags (`utils.args.model_flags`): overrides of the plan's network, or checked against the
+            checkpoint's.
+        optim: the optimiser of a training benchmark.
+        callbacks: further Lightning callbacks.
 
     Returns:
         The perf.json record: mode, device, devices, dim, patch_size, in_channels, batch_size,
@@ -199,54 +208,60 @@ def benchmark(args: Namespace) -> dict:
         latency_mean and latency_90/95/99 (ms), and peak_memory_mib: the most CUDA memory tensors held during the
         run (None off CUDA).
     """
-    if args.exec_mode not in ("train", "predict"):
-        raise UserError(f"--benchmark times --exec_mode train or predict, not {args.exec_mode}")
-    training = args.exec_mode == "train"
-    if args.seed is not None:
-        pl.seed_everything(args.seed, workers=True, verbose=False)
-    if args.task is not None:
-        if timed_steps(args) == 0:
+    if bench.mode not in ("train", "predict"):
+        raise UserError(f"--benchmark times --exec_mode train or predict, not {bench.mode}")
+    training = bench.mode == "train"
+    flags = flags or {}
+    if bench.seed is not None:
+        pl.seed_everything(bench.seed, workers=True, verbose=False)
+    if bench.task is not None:
+        if bench.steps == 0:
             flag = "--train_batches" if training else "--test_batches"
             raise UserError(f"--benchmark with --task needs {flag}, the number of timed steps")
-        config = task_plan(args.task, args.dim or 3)
-        batch = random_batch(config, args.dim or 3, args.batch_size, training, args.seed)
-        if accelerator(args)[0] == "gpu":
+        config = task_plan(bench.task, bench.dim or 3)
+        batch_size = bench.batch_size or config["batch_size"]
+        batch = random_batch(config, bench.dim or 3, batch_size, training, bench.seed)
+        if accelerator(device)[0] == "gpu":
             batch = {key: value.pin_memory() for key, value in batch.items()}  # copied to the GPU asynchronously
-        batches = RandomBatches(batch, args.warmup + timed_steps(args))
+        batches = RandomBatches(batch, bench.warmup + bench.steps)
         data = {"train_dataloaders": batches} if training else {"dataloaders": batches}
         source = f"random volumes, task {config['task']} plan"
     else:
-        config = load_task_config(args.data)
-        data = {"datamodule": DataModule(args)}
-        source = str(args.data)
-    if args.ckpt_path:
-        model = model_from_checkpoint(args.ckpt_path, args, config)
+        config = read_config(loader.data)
+        datamodule = DataModule(loader.replace(mode=bench.mode, benchmark=True, batch_size=bench.batch_size))
+        batch_size = datamodule.batch_size
+        data = {"datamodule": datamodule}
+        source = str(loader.data)
+    if bench.ckpt_path:
+        model = model_from_checkpoint(bench.ckpt_path, None, config, flags)
     else:
-        model = NNUnet(vars(args), config)
-    timer = StepTimer(args.warmup)
-    trainer = build_trainer(args, [timer], max_epochs=1, limit_val_batches=0, enable_progress_bar=False)
+        settings = model_settings(config, bench.dim, flags, flags.get("targets", "labels"), flags.get("focal", False))
+        model = NNUnet(config, settings, optim)
+    timer = StepTimer(bench.warmup)
+    trainer = build_trainer(device, [timer, *(callbacks or [])], results=bench.results, max_epochs=1,
+                            limit_val_batches=0, enable_progress_bar=False)
     reset_peak_memory(trainer.strategy.root_device)
     if training:
         trainer.fit(model, **data)
     else:
         trainer.predict(ForwardPass(model.model, model.dim), return_predictions=False, **data)
     if not timer.step_seconds:
-        raise UserError(f"no step was timed: the loader gave no batch after the {args.warmup} warmup steps")
+        raise UserError(f"no step was timed: the loader gave no batch after the {bench.warmup} warmup steps")
     record = {
-        "mode": args.exec_mode,
+        "mode": bench.mode,
         "device": trainer.strategy.root_device.type,
         "devices": trainer.world_size,
         "dim": model.dim,
         "patch_size": model.patch_size,
         "in_channels": config["in_channels"],
-        "batch_size": args.batch_size,
-        "global_batch_size": args.batch_size * trainer.world_size,
-        "amp": bool(args.amp),
-        "amp_dtype": amp_dtype(args),
-        "warmup": args.warmup,
+        "batch_size": batch_size,
+        "global_batch_size": batch_size * trainer.world_size,
+        "amp": bool(device.amp),
+        "amp_dtype": amp_dtype(device),
+        "warmup": bench.warmup,
         "steps": len(timer.step_seconds),
         "data": source,
-        **latency_summary(timer.step_seconds, args.batch_size * trainer.world_size),
+        **latency_summary(timer.step_seconds, batch_size * trainer.world_size),
         "peak_memory_mib": peak_memory_mib(trainer.strategy.root_device),
     }
     if trainer.is_global_zero:
@@ -254,36 +269,35 @@ def benchmark(args: Namespace) -> dict:
               f"{record['patch_size']}, batch {record['global_batch_size']}, {record['amp_dtype'] or 'fp32'}, "
               f"{record['steps']} steps after {record['warmup']}): {record['throughput']:.2f} img/s, "
               f"{latency_line(record)}{memory_note(record)}", flush=True)
-        write_record(record, Path(args.results), args.logname)
+        write_record(record, Path(bench.results), bench.logname)
     return record
 
 
-def benchmark_loader(args: Namespace) -> dict:
-    """Patches/s and latency (ms) of the training loader of --data, fold --fold; written to RESULTS/perf.json.
+def benchmark_loader(loader: LoaderSettings, warmup: int, timed: int, results: str, logname: str) -> dict:
+    """Patches/s and latency (ms) of the training loader of `loader.data` and fold; written to RESULTS/perf.json.
 
     Args:
-        args: main.py arguments; train_batches timed batches follow warmup untimed ones.
+        loader: the task, fold, batch size and sampling of the loader.
+        warmup, timed: untimed, then timed batches.
 
     Returns:
         The perf.json record: mode ("loader"), device, num_workers, dim, patch_size, batch_size, warmup, steps,
         data, throughput (patches/s), latency_mean and latency_90/95/99 (ms).
     """
-    args.exec_mode = "train"
-    timed = args.train_batches
-    args.train_batches = args.warmup + timed  # the loader's epoch: warmup, then the timed batches
-    module = DataModule(args)
+    # The loader's epoch: the warmup, then the timed batches.
+    module = DataModule(loader.replace(mode="train", train_batches=warmup + timed))
     module.setup("fit")
     try:
-        seconds = time_batches(module.train_dataloader(), args.warmup, timed)
+        seconds = time_batches(module.train_dataloader(), warmup, timed)
     finally:
         module.teardown()
-    record = {"mode": "loader", "device": module.device.kind, "num_workers": args.num_workers, "dim": module.dim,
-              "patch_size": module.patch_size, "batch_size": args.batch_size, "warmup": args.warmup, "steps": timed,
-              "data": str(args.data), **latency_summary(seconds, args.batch_size)}
-    print(f"loader benchmark ({module.device.kind}, {args.num_workers} threads, {module.dim}D patch "
-          f"{module.patch_size}, batch {args.batch_size}, {timed} batches after {args.warmup}): "
+    record = {"mode": "loader", "device": module.device.kind, "num_workers": loader.num_workers, "dim": module.dim,
+              "patch_size": module.patch_size, "batch_size": module.batch_size, "warmup": warmup, "steps": timed,
+              "data": str(loader.data), **latency_summary(seconds, module.batch_size)}
+    print(f"loader benchmark ({module.device.kind}, {loader.num_workers} threads, {module.dim}D patch "
+          f"{module.patch_size}, batch {module.batch_size}, {timed} batches after {warmup}): "
           f"{record['throughput']:.2f} patches/s, {latency_line(record)}", flush=True)
-    write_record(record, Path(args.results), args.logname)
+    write_record(record, Path(results), logname)
     return record
 
 

@@ -1,4 +1,4 @@
-"""Lightning callbacks: atomic checkpoints, last and best checkpoints, and the per-epoch log."""
+"""The per-epoch log: a readable line on stdout, DLLogger records, the learning curves."""
 
 from __future__ import annotations
 
@@ -9,28 +9,11 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 
 from nnunet.mlperf import MLPerfReport, mlperf_metrics
 from utils.errors import UserError
 from utils.io import atomic_open, save_json
 from utils.logger import DLLogger, read_logs
-
-LAST = "last.ckpt"
-BEST = "best.ckpt"
-
-
-class AtomicCheckpointIO(TorchCheckpointIO):
-    """Writes a checkpoint under a temporary name, fsyncs it and renames it into place (`utils.io.atomic_open`).
-
-    A kill or a crash never leaves a truncated checkpoint under the real name; a failed write (no space left)
-    raises `WriteError`, one line naming the file, and leaves neither the file nor its temporary.
-    """
-
-    def save_checkpoint(self, checkpoint: dict[str, Any], path: str | os.PathLike,
-                        storage_options: Any | None = None) -> None:
-        with atomic_open(path, "wb") as handle:
-            torch.save(checkpoint, handle)
 
 
 class NonFiniteLoss(UserError):
@@ -59,25 +42,6 @@ class FiniteLossGuard(pl.Callback):
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         check_finite_loss(trainer, pl_module)
 
-
-class CheckpointSaver(pl.Callback):
-    """Saves `last.ckpt` after every training epoch and `best.ckpt` when the mean Dice improved.
-
-    Runs after the epoch's validation, so both carry that epoch's metrics and early-stopping state.
-    Not Lightning's `ModelCheckpoint`: that needs two instances for the two files, and with a monitor it
-    warns, or fails, on epochs whose validation logged no Dice (`--skip_first_n_eval`, `--eval_every`); here
-    "best" is the module's own best Dice, which is also what resuming restores.
-    """
-
-    def __init__(self, dirpath: str | os.PathLike) -> None:
-        self.dirpath = Path(dirpath)
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.sanity_checking:
-            return
-        trainer.save_checkpoint(self.dirpath / LAST, weights_only=False)
-        if pl_module.best_epoch == trainer.current_epoch:
-            trainer.save_checkpoint(self.dirpath / BEST, weights_only=False)
 
 
 def format_epoch_line(epoch: int, metrics: dict[str, Any], names: list[str] | None = None,

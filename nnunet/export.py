@@ -1,6 +1,6 @@
 """Predictions back on the source image: undo padding, resampling, cropping and the axis order.
 
-The inverse of `data_preprocessing.preprocessor.preprocess_arrays`, driven by a case's metadata
+The inverse of `data_preprocessing.transforms.preprocess_arrays`, driven by a case's metadata
 (docs/data_format.md): probabilities are resampled (linearly, order 0 along a separately handled
 axis) to the crop before the argmax, so labels come from smooth class scores rather than from
 interpolating a label map, then placed in the source volume and written with its affine and header.
@@ -17,9 +17,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data_preprocessing.images2d import write_mask_png
 from data_preprocessing.resample import resample_probabilities
-from nnunet.loss import regions_to_labels
+from nnunet.regions import regions_to_labels
 from utils.io import atomic_open, save_nifti
 
 
@@ -95,6 +94,8 @@ def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch
     path = folder / f"{meta['case_id']}.nii.gz"
     save_nifti(path, source_image(labels, np.array(meta["affine"]), source_header(meta)))
     if meta.get("png_masks"):  # a task converted from 2D PNG/TIFF masks: also a mask in that form
+        from data_preprocessing.images2d import write_mask_png  # Pillow only for 2D image tasks
+
         write_mask_png(folder / f"{meta['case_id']}.png", labels, meta["png_masks"]["scale"])
     if save_probs:
         # Outside the crop box: background for softmax outputs, no region for sigmoid ones.

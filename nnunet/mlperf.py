@@ -95,24 +95,20 @@ class MLPerfLogger(pl.Callback):
     start and stop with the run's status, hyper-parameters, epochs, and evaluations with their accuracy.
     The submitter fields come from the environment (MLPERF_SUBMISSION_ORG, _PLATFORM, _DIVISION, _STATUS).
 
+    The hyper-parameters come from the module's optimisation and inference settings and the data module's
+    loader settings; the cases and window from the data module and the module.
+
     Args:
         path: the log file.
-        args: the run's arguments (for the hyper-parameter events).
-        n_train, n_val: training and evaluation cases.
-        patch_size: the network's window, the training and validation input shape.
         threshold: the quality target; the run's status is "success" once it is reached.
     """
 
-    def __init__(self, path: str | os.PathLike, args: Any, n_train: int, n_val: int, patch_size: list[int],
-                 threshold: float | None) -> None:
+    def __init__(self, path: str | os.PathLike, threshold: float | None) -> None:
         try:
             from mlperf_logging import mllog
         except ImportError:
             raise UserError("--mlperf_log needs the mlperf-logging package: pip install mlperf-logging") from None
         self.path = str(path)
-        self.args = args
-        self.counts = (n_train, n_val)
-        self.patch_size = list(patch_size)
         self.threshold = threshold
         self.mllog = mllog
         self.logger = None
@@ -130,8 +126,8 @@ class MLPerfLogger(pl.Callback):
         constants = self.mllog.constants
         self.mllog.config(filename=self.path)
         self.logger = self.mllog.get_mllogger()
-        args = self.args
-        multistep = args.scheduler == "multistep"
+        optim, loader = pl_module.optim, trainer.datamodule.settings
+        multistep = optim.scheduler == "multistep"
         environment = os.environ.get
         for key, value in (
             (constants.SUBMISSION_BENCHMARK, constants.UNET3D),
@@ -144,25 +140,25 @@ class MLPerfLogger(pl.Callback):
         ):
             self._log("event", key, value)
         self._log("start", constants.INIT_START)
-        seed = args.seed if args.seed is not None else getattr(trainer.datamodule, "seed", None)
+        seed = trainer.datamodule.seed
         # The last five keys are the UNet3D rules' own; the package has no constants for them.
         for key, value in (
             (constants.SEED, seed),
-            (constants.GLOBAL_BATCH_SIZE, args.batch_size * trainer.world_size),
+            (constants.GLOBAL_BATCH_SIZE, trainer.datamodule.batch_size * trainer.world_size),
             (constants.GRADIENT_ACCUMULATION_STEPS, 1),
-            (constants.OPT_NAME, args.optimizer),
-            (constants.OPT_BASE_LR, args.learning_rate),
-            (constants.OPT_LR_WARMUP_EPOCHS, args.lr_warmup_epochs),
-            (constants.OPT_LR_DECAY_BOUNDARY_EPOCHS, list(args.lr_steps or []) if multistep else []),
-            (constants.OPT_LR_DECAY_FACTOR, args.lr_gamma if multistep else 1.0),
-            (constants.OPT_WEIGHT_DECAY, args.weight_decay),
-            ("opt_momentum", args.momentum),
-            ("oversampling", args.oversampling),
-            ("training_input_shape", self.patch_size),
-            ("validation_input_shape", self.patch_size),
-            ("validation_overlap", args.overlap),
-            (constants.TRAIN_SAMPLES, self.counts[0]),
-            (constants.EVAL_SAMPLES, self.counts[1]),
+            (constants.OPT_NAME, optim.optimizer),
+            (constants.OPT_BASE_LR, optim.learning_rate),
+            (constants.OPT_LR_WARMUP_EPOCHS, optim.lr_warmup_epochs),
+            (constants.OPT_LR_DECAY_BOUNDARY_EPOCHS, list(optim.lr_steps) if multistep else []),
+            (constants.OPT_LR_DECAY_FACTOR, optim.lr_gamma if multistep else 1.0),
+            (constants.OPT_WEIGHT_DECAY, optim.weight_decay),
+            ("opt_momentum", optim.momentum),
+            ("oversampling", loader.oversampling),
+            ("training_input_shape", list(pl_module.patch_size)),
+            ("validation_input_shape", list(pl_module.patch_size)),
+            ("validation_overlap", pl_module.inference.overlap),
+            (constants.TRAIN_SAMPLES, len(trainer.datamodule.train_cases)),
+            (constants.EVAL_SAMPLES, len(trainer.datamodule.val_cases)),
         ):
             self._log("event", key, value)
         self._log("end", constants.INIT_STOP)

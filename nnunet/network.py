@@ -1,60 +1,121 @@
-"""The U-Net: MONAI's DynUNet with nnU-Net's decoder kernels, built from a patch size and spacing.
+"""The U-Net a plan describes, built from MONAI's layers.
 
-`build_unet` turns a plan (patch size and spacing, in (D, H, W) or (H, W) order) into a network:
-the kernels and strides of each level come from `data_preprocessing.planner.kernels_strides`, so
-the same rules pick the network for MSD tasks and for any other dataset.
+`build_network(in_channels, out_channels, plan)` builds exactly the network of a
+`data_preprocessing.network_plan.NetworkPlan`: its kind, features, kernels, strides, blocks per stage,
+normalisation, activation slope and deep-supervision heads. Nothing is re-planned here; the plan comes
+from `config.json` (written by `preprocess.py`, editable) or from a checkpoint.
+
+Not MONAI's DynUNet: it has exactly two convolutions (or one residual block) per stage in the encoder and
+the decoder, so neither nnU-Net's residual-encoder presets (1, 3, 4, 6, ... residual blocks per stage, one
+convolution per decoder stage) nor an edited block count can be expressed with it, and its decoder takes
+each level's kernel from the level below. The layers themselves are MONAI's (`get_conv_layer`,
+`UnetResBlock`, `UnetOutBlock`), and so is the weight initialisation of DynUNet (He, slope 0.01).
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from monai.networks.blocks.dynunet_block import UnetUpBlock
-from monai.networks.nets import DynUNet
+from monai.networks.blocks.dynunet_block import UnetOutBlock, UnetResBlock, get_conv_layer
 
-from data_preprocessing.planner import default_filters, kernels_strides
-
-NORMS = ("instance", "batch", "group")
-
-# Group norm splits channels into at most this many groups; fewer when the filter counts share no such divisor.
-MAX_GROUPS = 16
+from data_preprocessing.network_plan import NetworkPlan, group_count
 
 
-class UNet(DynUNet):
-    """DynUNet whose decoder convolves each level with that level's own kernel.
+class UNet(nn.Module):
+    """An encoder-decoder with skip connections, one stage per entry of the plan.
 
-    DynUNet gives the decoder block that upsamples from level i to level i-1 the kernel of level i.
-    nnU-Net convolves the decoder's level i-1 with kernels[i-1], the kernel of the encoder at the same
-    resolution. On anisotropic plans the two differ: the full-resolution decoder of a plan with kernels
-    (1, 3, 3), (3, 3, 3), ... would convolve 3x3x3 across thick slices, which costs compute and mixes
-    slices the encoder deliberately kept apart. Everything else (blocks, deep supervision heads, output
-    format, weight initialisation) is DynUNet's.
+    Encoder stage s maps to `plan.features[s]` channels, its first block downsampling by `plan.strides[s]`
+    (a strided convolution, as nnU-Net). Decoder stage s (every stage but the deepest) upsamples the stage
+    below with a transposed convolution of kernel and stride `strides[s + 1]`, concatenates the encoder's skip
+    and applies `decoder_blocks[s]` convolutions with `kernels[s]`, the encoder's kernel at that resolution.
 
-    Args and outputs are DynUNet's: input (B, C, *spatial); output (B, K, *spatial), or in training mode with
-    deep supervision (B, 1 + deep_supr_num, K, *spatial) with the coarser heads interpolated to full size.
+    Input (B, in_channels, *spatial), each spatial size divisible by the total stride. Output (B, K, *spatial);
+    in training mode with `deep_supervision_heads` n > 0, (B, 1 + n, K, *spatial): the full-resolution output
+    first, then the n next coarser decoder stages' outputs, interpolated (nearest) to full size.
     """
 
-    def get_upsamples(self) -> nn.ModuleList:
-        in_channels = self.filters[1:][::-1]
-        out_channels = self.filters[:-1][::-1]
-        strides = self.strides[1:][::-1]
-        # The block that lands on level i-1 takes kernel_size[i-1]: the kernels of levels 0 .. n-2, deepest first.
-        kernel_size = self.kernel_size[:-1][::-1]
-        upsample_kernel_size = self.upsample_kernel_size[::-1]
-        return self.get_module_list(
-            in_channels,
-            out_channels,
-            kernel_size,
-            strides,
-            UnetUpBlock,  # type: ignore[arg-type]
-            upsample_kernel_size,
-            trans_bias=self.trans_bias,
-        )
+    def __init__(self, in_channels: int, out_channels: int, plan: NetworkPlan) -> None:
+        super().__init__()
+        plan.checked()
+        self.plan = plan
+        self.in_channels, self.out_channels = in_channels, out_channels
+        dim = plan.dim
+        norm = norm_layer(plan.norm, plan.features)
+        act = ("leakyrelu", {"inplace": True, "negative_slope": float(plan.negative_slope)})
+        residual = plan.kind == "resenc_unet"
 
+        def conv(cin: int, cout: int, kernel: Sequence[int], stride: Sequence[int] = 1) -> nn.Module:
+            return get_conv_layer(dim, cin, cout, kernel_size=kernel, stride=stride, act=act, norm=norm,
+                                  bias=True, conv_only=False)
+
+        def stack(cin: int, cout: int, blocks: int, kernel: Sequence[int], stride: Sequence[int]) -> nn.Sequential:
+            if residual:
+                return nn.Sequential(*[UnetResBlock(dim, cin if b == 0 else cout, cout, kernel, stride if b == 0 else 1,
+                                                    norm_name=norm, act_name=act) for b in range(blocks)])
+            return nn.Sequential(*[conv(cin if b == 0 else cout, cout, kernel, stride if b == 0 else 1)
+                                   for b in range(blocks)])
+
+        features, kernels, strides = plan.features, plan.kernels, plan.strides
+        # The residual encoder starts with one convolution to the first stage's width (nnU-Net's stem).
+        self.stem = conv(in_channels, features[0], kernels[0]) if residual else nn.Identity()
+        encoder_in = [features[0] if residual else in_channels, *features[:-1]]
+        self.encoder = nn.ModuleList(
+            stack(encoder_in[s], features[s], plan.encoder_blocks[s], kernels[s], strides[s])
+            for s in range(plan.n_stages))
+        # Decoder stages from the deepest up: index j works at stage n - 2 - j.
+        levels = list(range(plan.n_stages - 2, -1, -1))
+        self.upsamples = nn.ModuleList(
+            get_conv_layer(dim, features[s + 1], features[s], kernel_size=strides[s + 1], stride=strides[s + 1],
+                           bias=True, conv_only=True, is_transposed=True) for s in levels)
+        # Decoder blocks are plain convolutions in both kinds (the residual presets' decoders are plain too).
+        self.decoder = nn.ModuleList(
+            nn.Sequential(*[conv(2 * features[s] if b == 0 else features[s], features[s], kernels[s])
+                            for b in range(plan.decoder_blocks[s])]) for s in levels)
+        # Heads on the finest decoder stage, then on the next coarser ones for deep supervision.
+        self.heads = nn.ModuleList(UnetOutBlock(dim, features[s], out_channels)
+                                   for s in range(plan.deep_supervision_heads + 1))
+        self.apply(initialise)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        skips = []
+        x = self.stem(image)
+        for stage in self.encoder:
+            x = stage(x)
+            skips.append(x)
+        decoded = []  # finest last
+        for j, (upsample, block) in enumerate(zip(self.upsamples, self.decoder)):
+            x = block(torch.cat([upsample(x), skips[-2 - j]], dim=1))
+            decoded.append(x)
+        output = self.heads[0](decoded[-1])
+        if not self.training or len(self.heads) == 1:
+            return output
+        coarser = [F.interpolate(head(decoded[-2 - i]), size=output.shape[2:])
+                   for i, head in enumerate(self.heads[1:])]
+        return torch.stack([output, *coarser], dim=1)
+
+
+def initialise(module: nn.Module) -> None:
+    """He initialisation for slope 0.01 and zero biases for every convolution (DynUNet's and nnU-Net's)."""
+    if isinstance(module, nn.Conv2d | nn.Conv3d | nn.ConvTranspose2d | nn.ConvTranspose3d):
+        nn.init.kaiming_normal_(module.weight, a=0.01)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def build_network(in_channels: int, out_channels: int, plan: NetworkPlan) -> UNet:
+    """The U-Net of a plan, mapping (B, in_channels, *patch) to (B, out_channels, *patch).
+
+    Raises:
+        ValueError: a plan whose fields disagree (`NetworkPlan.checked`).
+    """
+    return use_cpu_instance_norm(UNet(in_channels, out_channels, plan))
+
+
+def parameter_count(network: nn.Module) -> int:
+    return sum(parameter.numel() for parameter in network.parameters())
 
 
 class _GroupwiseOnCPU:
@@ -97,95 +158,19 @@ def use_cpu_instance_norm(module: nn.Module) -> nn.Module:
     return module
 
 
-def norm_layer(norm: str, filters: Sequence[int]) -> tuple[str, dict]:
+def norm_layer(norm: str, features: Sequence[int]) -> tuple[str, dict]:
     """MONAI norm spec for `norm` ("instance", "batch" or "group").
 
-    Group norm uses the largest group count up to `MAX_GROUPS` that divides every filter count, since one
-    spec serves all levels (32 .. 320 channels by default: 16 groups).
+    Group norm uses the largest group count up to 16 that divides every stage's features, since one spec
+    serves all stages (32 .. 320 channels by default: 16 groups).
     """
     if norm == "instance":
         return ("INSTANCE", {"affine": True})
     if norm == "batch":
         return ("BATCH", {})
     if norm == "group":
-        return ("GROUP", {"num_groups": math.gcd(MAX_GROUPS, *filters)})
-    raise ValueError(f"unknown norm {norm!r}; expected one of {', '.join(NORMS)}")
-
-
-def build_unet(
-    in_channels: int,
-    out_channels: int,
-    patch_size: Sequence[int],
-    spacing: Sequence[float],
-    *,
-    filters: Sequence[int] | None = None,
-    depth: int = 6,
-    min_fmap: int = 4,
-    norm: str = "instance",
-    negative_slope: float = 0.01,
-    res_block: bool = False,
-    deep_supervision: bool = False,
-    deep_supr_num: int = 2,
-) -> UNet:
-    """The U-Net for a plan.
-
-    Args:
-        in_channels: image channels C.
-        out_channels: output channels K (classes with background, or regions).
-        patch_size: input size in voxels, (D, H, W) for a 3D network or (H, W) for a 2D one.
-        spacing: voxel spacing of that input in mm, same order.
-        filters: channels per level. The number of levels follows from the plan, so a longer list is cut to
-            that number (the same `--filters` fit plans of any depth); a shorter one is an error. Default:
-            32 doubling per level, capped at 320 (3D) or 512 (2D).
-        depth: maximum number of levels, the full-resolution one included.
-        min_fmap: an axis is not downsampled below this many voxels.
-        norm: "instance" (affine), "batch" or "group".
-        negative_slope: slope of every LeakyReLU for negative inputs.
-        res_block: residual blocks in the encoder and bottleneck (DynUNet's decoder blocks are plain).
-        deep_supervision: in training mode also return the outputs of the `deep_supr_num` decoder levels below
-            full resolution.
-        deep_supr_num: number of extra outputs; fewer than the number of levels minus one.
-
-    Returns:
-        The network; it maps (B, in_channels, *patch_size) to (B, out_channels, *patch_size).
-
-    Raises:
-        ValueError: for a plan with fewer than 3 levels, too few filters, or too many deep supervision outputs.
-    """
-    dim = len(patch_size)
-    if dim not in (2, 3) or len(spacing) != dim:
-        raise ValueError(f"patch size {list(patch_size)} and spacing {list(spacing)} must both have 2 or 3 axes")
-    kernels, strides = kernels_strides(patch_size, spacing, min_fmap, depth)
-    n_levels = len(kernels)
-    if n_levels < 3:
-        raise ValueError(
-            f"patch size {list(patch_size)} allows only {n_levels} U-Net levels (at least 3 needed); "
-            f"use a larger patch or a smaller --min_fmap"
-        )
-    if filters is None:
-        filters = default_filters(n_levels, dim)
-    elif len(filters) < n_levels:
-        raise ValueError(f"--filters gives {len(filters)} channel counts but the plan has {n_levels} levels")
-    filters = [int(f) for f in filters[:n_levels]]
-    if deep_supervision and not 1 <= deep_supr_num < n_levels - 1:
-        raise ValueError(
-            f"--deep_supr_num {deep_supr_num} must be between 1 and {n_levels - 2} for a plan with {n_levels} levels"
-        )
-    network = UNet(
-        spatial_dims=dim,
-        in_channels=in_channels,
-        out_channels=out_channels,
-        kernel_size=kernels,
-        strides=strides,
-        upsample_kernel_size=strides[1:],
-        filters=filters,
-        norm_name=norm_layer(norm, filters),
-        act_name=("leakyrelu", {"inplace": True, "negative_slope": negative_slope}),
-        deep_supervision=deep_supervision,
-        deep_supr_num=deep_supr_num,
-        res_block=res_block,
-    )
-    return use_cpu_instance_norm(network)
+        return ("GROUP", {"num_groups": group_count(features)})
+    raise ValueError(f"unknown norm {norm!r}")
 
 
 def set_layout(network: nn.Module, channels_last: bool) -> nn.Module:

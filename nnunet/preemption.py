@@ -29,7 +29,8 @@ from typing import Any
 import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from nnunet.callbacks import LAST, check_finite_loss
+from nnunet.callbacks import check_finite_loss
+from nnunet.checkpoints import LAST
 
 SIGNALS = (signal.SIGTERM, signal.SIGINT)
 

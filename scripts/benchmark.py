@@ -23,7 +23,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from utils.args import non_negative_int, parse_main_args, positive_int  # noqa: E402
+from utils.args import loader_settings, non_negative_int, parse_main_args, positive_int  # noqa: E402
 from utils.errors import UserError  # noqa: E402
 from utils.launch import run_printed  # noqa: E402
 
@@ -68,7 +68,8 @@ def main(argv: list[str] | None = None) -> int:
         from nnunet.benchmark import benchmark_loader  # torch and DALI: only in the mode that uses them
 
         try:
-            benchmark_loader(main_args)
+            benchmark_loader(loader_settings(main_args, "train"), main_args.warmup, main_args.train_batches,
+                             main_args.results, main_args.logname)
         except UserError as error:
             print(f"error: {error}", file=sys.stderr)
             return 1

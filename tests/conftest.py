@@ -52,9 +52,21 @@ def synthetic_task(tmp_path_factory: pytest.TempPathFactory) -> SyntheticTask:
 
 
 def train_argv(data: Path, results: Path, *extra: str) -> list[str]:
-    """main.py arguments for a short, reproducible CPU training run of the tiny network."""
+    """main.py arguments for a short, reproducible CPU training run of the tiny network (batch 2)."""
     return ["--exec_mode", "train", "--data", str(data), "--results", str(results), "--nfolds", "4",
-            "--num_workers", "2", "--seed", "0", *TINY_FILTERS, *extra]
+            "--num_workers", "2", "--seed", "0", "--batch_size", "2", *TINY_FILTERS, *extra]
+
+
+def module_from_argv(argv: list[str], config: dict):
+    """The LightningModule main.py would train for these arguments on a task with this (partial) config."""
+    from data_preprocessing.plans import complete_config
+    from nnunet.nn_unet import NNUnet, model_settings
+    from utils import args as cli
+
+    args = cli.parse_main_args(argv)
+    config = complete_config(config, "the test's config")
+    model = model_settings(config, args.dim, cli.model_flags(args), cli.targets(args), args.focal)
+    return NNUnet(config, model, cli.optim_settings(args), cli.inference_settings(args))
 
 
 @pytest.fixture(scope="session")

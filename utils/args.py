@@ -10,6 +10,16 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from utils.settings import (
+    NETWORK_OVERRIDES,
+    BenchmarkSettings,
+    DeviceSettings,
+    InferenceSettings,
+    LoaderSettings,
+    OptimSettings,
+    TrainingSettings,
+)
+
 
 def positive_int(value: str) -> int:
     number = int(value)
@@ -100,7 +110,8 @@ def main_parser() -> argparse.ArgumentParser:
     data = parser.add_argument_group("data")
     data.add_argument("--nfolds", type=positive_int, default=5, help="number of cross-validation folds")
     data.add_argument("--fold", type=non_negative_int, default=0, help="fold used for validation")
-    data.add_argument("--batch_size", type=positive_int, default=2, help="training batch size per GPU")
+    data.add_argument("--batch_size", type=positive_int, default=None,
+                      help="training batch size per GPU (default: the task plan's batch_size)")
     data.add_argument("--val_batch_size", type=positive_int, default=4,
                       help="patches per forward pass in sliding-window inference")
     data.add_argument("--nvol", type=positive_int, default=4,
@@ -110,19 +121,26 @@ def main_parser() -> argparse.ArgumentParser:
     data.add_argument("--no_rotation", action="store_true",
                       help="turn off the rotation and scaling augmentation")
 
-    model = parser.add_argument_group("model")
+    model = parser.add_argument_group(
+        "model", "The network is the task plan's (config.json: 'network'); these flags override it for one run. "
+                 "With --ckpt_path the checkpoint's network is used, and a flag that contradicts it is an error.")
     model.add_argument("--filters", type=positive_int, nargs="+", default=None,
-                       help="channels per level (default as nnU-Net: 32, 64, 128, ... doubling, capped at 320 in 3D "
-                            "and 512 in 2D)")
-    model.add_argument("--depth", type=positive_int, default=6, help="maximum number of encoder levels")
-    model.add_argument("--min_fmap", type=positive_int, default=4,
-                       help="smallest edge of the coarsest feature map (downsampling stops there)")
-    model.add_argument("--norm", choices=["instance", "batch", "group"], default="instance",
-                       help="normalization layer")
-    model.add_argument("--negative_slope", type=float, default=0.01, help="LeakyReLU negative slope")
-    model.add_argument("--res_block", action="store_true", help="residual blocks in the encoder and bottleneck")
-    model.add_argument("--deep_supervision", action="store_true", help="losses on the coarser decoder outputs")
-    model.add_argument("--deep_supr_num", type=positive_int, default=2,
+                       help="features per stage (the plan's by default: 32, 64, 128, ... doubling, capped at 320 in "
+                            "3D and 512 in 2D)")
+    model.add_argument("--depth", type=positive_int, default=None,
+                       help="plan the kernels and strides again with at most this many stages")
+    model.add_argument("--min_fmap", type=positive_int, default=None,
+                       help="plan the kernels and strides again, downsampling no axis below this size (the plan "
+                            "uses 4)")
+    model.add_argument("--norm", choices=["instance", "batch", "group"], default=None,
+                       help="normalization layer (the plan's: instance)")
+    model.add_argument("--negative_slope", type=float, default=None,
+                       help="LeakyReLU negative slope (the plan's: 0.01)")
+    model.add_argument("--res_block", action="store_true",
+                       help="residual encoder blocks (a plain plan gets one residual block per stage)")
+    model.add_argument("--deep_supervision", action="store_true",
+                       help="losses on the coarser decoder outputs (the plan's heads, else 2)")
+    model.add_argument("--deep_supr_num", type=positive_int, default=None,
                        help="number of extra decoder outputs used by deep supervision")
     model.add_argument("--focal", action="store_true", help="Dice + focal loss instead of Dice + cross-entropy")
     model.add_argument("--brats", action="store_true",
@@ -203,18 +221,9 @@ def main_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def accelerator_kind(args: argparse.Namespace) -> str:
-    """The accelerator the flags name: "cpu", "gpu" (CUDA) or another Lightning accelerator's name.
-
-    `nnunet.run.accelerator` checks it against the machine; the data pipelines run on the GPU only for "gpu".
-    """
-    name = (getattr(args, "accelerator", None) or ("gpu" if args.gpus > 0 else "cpu")).lower()
-    return "gpu" if name == "cuda" else name
-
-
 def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = main_parser().parse_args(argv)
-    if args.dim == 2 and args.exec_mode == "train" and args.batch_size % args.nvol:
+    if args.dim == 2 and args.exec_mode == "train" and args.batch_size and args.batch_size % args.nvol:
         main_parser().error(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
     if args.amp_dtype is not None and not args.amp:
         main_parser().error(f"--amp_dtype {args.amp_dtype} needs --amp")
@@ -222,6 +231,73 @@ def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         main_parser().error("--task needs --benchmark: it times random volumes with a task's plan; "
                             "without --benchmark the run uses the data at --data")
     return args
+
+
+# ---------------------------------------------------------------------------------------------
+# main.py's arguments as the settings each package receives
+# ---------------------------------------------------------------------------------------------
+def device_settings(args: argparse.Namespace) -> DeviceSettings:
+    return DeviceSettings(gpus=args.gpus, accelerator=args.accelerator, nodes=args.nodes,
+                          cpu_processes=args.cpu_processes, amp=args.amp, amp_dtype=args.amp_dtype)
+
+
+def loader_settings(args: argparse.Namespace, mode: str | None = None) -> LoaderSettings:
+    """The data module's settings; `mode` ("train", "evaluate", "predict") defaults to --exec_mode."""
+    return LoaderSettings(
+        data=args.data, mode=mode or args.exec_mode, dim=args.dim, fold=args.fold, nfolds=args.nfolds,
+        batch_size=args.batch_size, nvol=args.nvol, oversampling=args.oversampling, rotation=not args.no_rotation,
+        num_workers=args.num_workers, seed=args.seed, cuda_devices=device_settings(args).cuda_devices,
+        benchmark=args.benchmark, warmup=args.warmup, train_batches=args.train_batches,
+        test_batches=args.test_batches)
+
+
+def optim_settings(args: argparse.Namespace) -> OptimSettings:
+    return OptimSettings(
+        optimizer=args.optimizer, learning_rate=args.learning_rate, momentum=args.momentum,
+        weight_decay=args.weight_decay, scheduler=args.scheduler, lr_warmup_epochs=args.lr_warmup_epochs,
+        warmup_start_lr=args.warmup_start_lr, lr_steps=tuple(args.lr_steps or ()), lr_gamma=args.lr_gamma,
+        lr_patience=args.lr_patience, epochs=args.epochs, eval_every=args.eval_every,
+        skip_first_n_eval=args.skip_first_n_eval)
+
+
+def inference_settings(args: argparse.Namespace) -> InferenceSettings:
+    return InferenceSettings(overlap=args.overlap, blend=args.blend, batch_size=args.val_batch_size, tta=args.tta,
+                             save_preds=args.save_preds, save_probs=args.save_probs, overlay=args.overlay,
+                             results=args.results)
+
+
+def training_settings(args: argparse.Namespace) -> TrainingSettings:
+    return TrainingSettings(
+        results=args.results, logname=args.logname, patience=args.patience, save_ckpt=args.save_ckpt,
+        resume=args.resume_training, ckpt_path=args.ckpt_path, seed=args.seed,
+        gradient_clip_val=args.gradient_clip_val, quality_threshold=args.quality_threshold, log_line=args.log_line,
+        mlperf_log=args.mlperf_log, params=dict(vars(args)))
+
+
+def benchmark_settings(args: argparse.Namespace) -> BenchmarkSettings:
+    return BenchmarkSettings(
+        mode=args.exec_mode, warmup=args.warmup,
+        steps=args.train_batches if args.exec_mode == "train" else args.test_batches, batch_size=args.batch_size,
+        dim=args.dim, seed=args.seed, task=args.task, ckpt_path=args.ckpt_path, results=args.results,
+        logname=args.logname)
+
+
+def targets(args: argparse.Namespace) -> str:
+    """What the network's outputs are: "brats", "regions" or "labels"."""
+    return "brats" if args.brats else "regions" if args.regions else "labels"
+
+
+def model_flags(args: argparse.Namespace) -> dict:
+    """The model flags given on the command line (those left at their defaults are absent): the network
+    overrides, dim, targets and focal."""
+    flags = {key: getattr(args, key) for key in NETWORK_OVERRIDES if getattr(args, key) not in (None, False)}
+    if args.dim is not None:
+        flags["dim"] = args.dim
+    if args.brats or args.regions:
+        flags["targets"] = targets(args)
+    if args.focal:
+        flags["focal"] = True
+    return flags
 
 
 # ---------------------------------------------------------------------------------------------
@@ -249,6 +325,10 @@ def preprocess_parser() -> argparse.ArgumentParser:
                              "lost (pass the edited file with --plan to keep them)")
     parser.add_argument("--plan", default=None,
                         help="a plan (a task's config.json, possibly edited) to preprocess with instead of planning")
+    parser.add_argument("--planner", choices=["default", "resenc_m", "resenc_l", "resenc_xl"], default=None,
+                        help="the network preset: default, nnU-Net's plain U-Net; resenc_m/l/xl, residual-encoder "
+                             "U-Nets whose patch and batch fit about 8, 24 or 40 GB of GPU memory (default: the "
+                             "existing plan's, else default; another preset plans the task again)")
     parser.add_argument("--kits_recipe", choices=["final", "v1.0"], default="final",
                         help="kits19: the MLPerf rules; final: 1.6x1.2x1.2 mm, all cases; v1.0: 1.6x1.0x1.0 mm "
                              "without cases 15, 23, 37, 68, 125, 133")

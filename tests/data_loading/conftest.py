@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-from argparse import Namespace
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from utils.args import main_parser
+from utils.args import loader_settings, main_parser
+from utils.settings import LoaderSettings
 
 SHAPE = (24, 32, 32)
 PATCH = (16, 16, 16)
@@ -72,9 +72,8 @@ def make_task(tmp_path: Path) -> Callable[..., Path]:
     return build
 
 
-def make_args(data: Path, *extra: str, **overrides) -> Namespace:
-    """`main_parser()` arguments for `data` with small defaults for tests; keyword overrides win."""
+def make_args(data: Path, *extra: str, **overrides) -> LoaderSettings:
+    """Loader settings of `main_parser()` arguments for `data` with small defaults for tests; keyword overrides
+    (LoaderSettings fields) win."""
     args = main_parser().parse_args(["--data", str(data), "--num_workers", "2", "--seed", "1", *extra])
-    for key, value in overrides.items():
-        setattr(args, key, value)
-    return args
+    return loader_settings(args).replace(**overrides)

@@ -16,7 +16,7 @@ import torch
 
 from data_loading.data_module import SPLIT_SEED, DataModule, split_cases
 from tests.data_loading.conftest import PATCH, SHAPE, indexed_image, make_args, write_case, write_config
-from utils.args import parse_main_args
+from utils.args import loader_settings, parse_main_args
 from utils.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
@@ -107,7 +107,7 @@ def test_fold_errors(make_task) -> None:
 def test_dimension_errors(make_task) -> None:
     data = make_task(n_cases=3, patch=(16, 16), name="99_2d")
     assert module(data, "--nfolds", "3", "--nvol", "2").patch_size == [16, 16]  # the plan's dimension by default
-    with pytest.raises(UserError, match="plans a 2D patch"):
+    with pytest.raises(UserError, match="a 3D network needs data preprocessed with --dim 3"):
         module(data, "--nfolds", "3", "--dim", "3")
 
 
@@ -192,9 +192,9 @@ def test_benchmark_loaders(make_task) -> None:
 def test_2d_predict_benchmark_batches_hold_batch_size_slices(synthetic_task, batch_size: int) -> None:
     # --nvol (default 4) only splits training batches; prediction patches are one slice of each volume.
     data = synthetic_task.preprocessed(2)
-    dm = DataModule(parse_main_args(["--benchmark", "--exec_mode", "predict", "--data", str(data), "--dim", "2",
-                                     "--batch_size", str(batch_size), "--test_batches", "2", "--warmup", "1",
-                                     "--num_workers", "1", "--seed", "0"]))
+    dm = DataModule(loader_settings(parse_main_args([
+        "--benchmark", "--exec_mode", "predict", "--data", str(data), "--dim", "2", "--batch_size", str(batch_size),
+        "--test_batches", "2", "--warmup", "1", "--num_workers", "1", "--seed", "0"])))
     dm.setup("predict")
     channels, patch = dm.config["in_channels"], dm.patch_size
     assert [tuple(b["image"].shape) for b in dm.predict_dataloader()] == [(batch_size, channels, *patch)] * 3

@@ -11,8 +11,9 @@ import main
 import preprocess
 from data_loading.data_module import read_splits
 from data_preprocessing import configs
-from data_preprocessing.layouts import PreprocessingError, locate_task, open_task, v2_labels
+from data_preprocessing.layouts import PreprocessingError, locate_task, v2_labels
 from data_preprocessing.preprocessor import preprocess_task
+from data_preprocessing.tasks import open_task
 from nnunet.callbacks import epoch_history
 from nnunet.export import write_prediction
 from tests.conftest import train_argv
@@ -68,7 +69,7 @@ def test_v2_layout_gives_the_same_arrays_as_msd(two_layouts, tmp_path):
     config_v2 = json.loads((summary.folder / "config.json").read_text())
     assert config_v2["labels"] == config_msd["labels"] == {"0": "background", "1": "organ", "2": "lesion"}
     assert config_v2["modalities"] == {"0": "T1", "1": "T2"} and config_v2["task"] == "042"
-    for key in ("spacing", "patch_size", "normalization", "kernels", "strides"):
+    for key in ("spacing", "patch_size", "normalization", "network", "batch_size"):
         assert config_v2[key] == config_msd[key]
     for case in cases:
         for ours, theirs in zip(arrays(summary.folder, case.case_id),

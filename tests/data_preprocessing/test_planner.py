@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 
 from data_preprocessing import configs
+from data_preprocessing.network_plan import features_per_stage
 from data_preprocessing.planner import (
-    default_filters,
     kernels_strides,
     plan_patch_size,
     suggest_batch_size,
@@ -79,5 +79,5 @@ def test_small_median_shape_is_covered_whole():
 def test_batch_size_and_filters():
     assert suggest_batch_size([128, 128, 128]) == 2
     assert suggest_batch_size([64, 64, 64]) == 8
-    assert default_filters(6, 3) == [32, 64, 128, 256, 320, 320]
-    assert default_filters(7, 2) == [32, 64, 128, 256, 512, 512, 512]
+    assert features_per_stage(6, 3) == [32, 64, 128, 256, 320, 320]
+    assert features_per_stage(7, 2) == [32, 64, 128, 256, 512, 512, 512]

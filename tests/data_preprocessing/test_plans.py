@@ -6,18 +6,20 @@ import numpy as np
 import pytest
 
 import preprocess
-from data_preprocessing.layouts import open_task
+from data_preprocessing.layouts import PreprocessingError
 from data_preprocessing.planner import VOXEL_BUDGET_3D, kernels_strides, total_strides
+from data_preprocessing.planning import plan_task
 from data_preprocessing.plans import plan_digest
-from data_preprocessing.preprocessor import plan_task, preprocess_task
+from data_preprocessing.preprocessor import preprocess_task
+from data_preprocessing.tasks import open_task
 from tests.factories import blob_case, write_msd_task
 
 
 def check_planned(config: dict, budget: int) -> None:
     patch, spacing = config["patch_size"], config["spacing"][-config["dim"]:]
     assert math.prod(patch) <= budget
-    assert (config["kernels"], config["strides"]) == kernels_strides(patch, spacing)
-    for size, stride in zip(patch, total_strides(config["strides"])):
+    assert (config["network"]["kernels"], config["network"]["strides"]) == kernels_strides(patch, spacing)
+    for size, stride in zip(patch, total_strides(config["network"]["strides"])):
         assert size % stride == 0 and size // stride >= 4
 
 
@@ -33,7 +35,7 @@ def test_isotropic_dataset_larger_than_the_budget(tmp_path):
     assert config["spacing"] == [1.0, 1.0, 1.0]
     check_planned(config, VOXEL_BUDGET_3D)
     assert all(p <= s for p, s in zip(config["patch_size"], [136, 140, 150]))
-    assert config["kernels"][0] == [3, 3, 3] and config["normalization"] == [{"type": "zscore"}]
+    assert config["network"]["kernels"][0] == [3, 3, 3] and config["normalization"] == [{"type": "zscore"}]
     assert config["batch_size"] == 2
 
 
@@ -47,7 +49,7 @@ def test_anisotropic_dataset_plans_thick_slices_apart(tmp_path):
     expected_z = np.percentile([s[2] for s in spacings], 10)
     assert config["spacing"] == pytest.approx([expected_z, 0.8, 0.8])
     check_planned(config, VOXEL_BUDGET_3D)
-    assert config["kernels"][0] == [1, 3, 3]  # no convolution across thick slices at full resolution
+    assert config["network"]["kernels"][0] == [1, 3, 3]  # no convolution across thick slices at full resolution
     assert config["normalization"][0]["type"] == "ct"
     config_2d = plan_task(open_task(task.root.parent, "62", tmp_path), 2)
     assert len(config_2d["patch_size"]) == 2 and config_2d["dim"] == 2
@@ -73,7 +75,9 @@ def meta(folder: Path, case_id: str) -> dict:
 def test_an_edited_spacing_and_patch_are_honoured(planned, tmp_path):
     raw, config = planned
     first = meta(tmp_path / "first" / "63_3d", "case_0")
-    plan = dict(config, spacing=[2.0, 2.0, 2.0], patch_size=[32, 32, 32])
+    # Without its "network" the plan gets the preset's network for the new patch (a kept one stays as written).
+    plan = {key: value for key, value in config.items() if key != "network"}
+    plan.update(spacing=[2.0, 2.0, 2.0], patch_size=[32, 32, 32])
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
     assert preprocess.main(["--task", "63", "--data", str(raw), "--results", str(tmp_path / "second"),
@@ -88,7 +92,8 @@ def test_an_edited_spacing_and_patch_are_honoured(planned, tmp_path):
     assert [sum(p) for p in second["pad"]] == [32 - n for n in second["resampled_shape"]]
     written = json.loads((folder / "config.json").read_text())
     assert written["spacing"] == [2.0, 2.0, 2.0] and written["patch_size"] == [32, 32, 32]
-    assert (written["kernels"], written["strides"]) == kernels_strides([32, 32, 32], [2.0, 2.0, 2.0])
+    network = written["network"]
+    assert (network["kernels"], network["strides"]) == kernels_strides([32, 32, 32], [2.0, 2.0, 2.0])
     assert np.load(folder / "case_0_x.npy").shape == (2, 32, 32, 32)
 
 
@@ -128,8 +133,14 @@ def test_a_2d_plan_implies_dim_2(planned, tmp_path):
     plan = dict(config, dim=2, patch_size=[24, 16])
     path = tmp_path / "plan.json"
     path.write_text(json.dumps(plan))
+    # The 3D network does not fit a 2D patch: the error says so; without "network" the 2D one is planned.
+    with pytest.raises(PreprocessingError, match="network's kernels have 3 axes but the patch"):
+        preprocess_task(raw, tmp_path / "out", "63", plan=path)
+    del plan["network"]
+    path.write_text(json.dumps(plan))
     summary = preprocess_task(raw, tmp_path / "out", "63", plan=path)
     assert summary.folder == tmp_path / "out" / "63_2d" and summary.config["dim"] == 2
+    assert len(summary.config["network"]["kernels"][0]) == 2
 
 
 def edit(plan: dict, how: str) -> dict | str:
@@ -152,6 +163,15 @@ def edit(plan: dict, how: str) -> dict | str:
         plan["normalization"] = [{"type": "ct", "clip_low": 0}, {"type": "zscore"}]
     elif how == "too small":
         plan["patch_size"] = [5, 5, 5]
+        del plan["network"]
+    elif how == "indivisible":
+        plan["patch_size"] = [30, 30, 30]
+    elif how == "network stages":
+        plan["network"] = dict(plan["network"], encoder_blocks=plan["network"]["encoder_blocks"][:-1])
+    elif how == "network kind":
+        plan["network"] = dict(plan["network"], kind="vit")
+    elif how == "planner":
+        plan["planner"] = "resenc_xxl"
     elif how == "regions":
         plan["regions"] = [{"name": "bad", "labels": [7]}]
     elif how == "not json":
@@ -169,6 +189,10 @@ def edit(plan: dict, how: str) -> dict | str:
     ("classes", "'n_class' is 4 but the dataset has 3 classes"),
     ("normalization", "CT normalisation of channel 0 needs numbers"),
     ("too small", "too small for a U-Net"),
+    ("indivisible", "is not divisible by the network's total stride"),
+    ("network stages", "network 'encoder_blocks' needs one entry per stage"),
+    ("network kind", "network 'kind' must be one of unet, resenc_unet"),
+    ("planner", "'planner' must be one of default, resenc_m"),
     ("regions", "'regions' must be a list"),
     ("not json", "is not valid JSON"),
 ])

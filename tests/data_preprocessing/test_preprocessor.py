@@ -13,16 +13,10 @@ import numpy as np
 import pytest
 
 import preprocess
-from data_preprocessing.layouts import CaseFiles
-from data_preprocessing.preprocessor import (
-    PreprocessingError,
-    nonzero_box,
-    normalise,
-    pad_to,
-    preprocess_task,
-    run_parallel,
-    worker_pool,
-)
+from data_preprocessing.layouts import CaseFiles, PreprocessingError
+from data_preprocessing.preprocessor import preprocess_task
+from data_preprocessing.transforms import nonzero_box, normalise, pad_to
+from data_preprocessing.workers import run_parallel, worker_pool
 from tests.factories import blob_case, write_msd_task
 from utils.io import WriteError
 
@@ -115,7 +109,7 @@ def test_training_round_trip_restores_the_original_label(isotropic_task, tmp_pat
 
 
 def test_anisotropic_cases_are_resampled_with_order_zero_along_the_slices(tmp_path):
-    cases = [blob_case(f"case_{i}", shape=(16, 16, 8), spacing=(1.0, 1.0, 3.0), seed=i) for i in range(3)]
+    cases = [blob_case(f"case_{i}", shape=(32, 32, 12), spacing=(1.0, 1.0, 3.0), seed=i) for i in range(3)]
     task = write_msd_task(tmp_path / "raw", "Task43_Thick", cases)
     preprocess_task(task.root.parent, tmp_path / "out", "43", dim=3)
     config = json.loads((tmp_path / "out" / "43_3d" / "config.json").read_text())

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import main
+from nnunet.checkpoints import model_from_checkpoint
 from nnunet.metrics import dice_per_class
-from nnunet.run import model_from_checkpoint
 
 pytestmark = pytest.mark.gpu
 

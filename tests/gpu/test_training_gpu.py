@@ -6,10 +6,10 @@ import pytest
 import torch
 
 import main
-from nnunet.run import build_trainer
+from nnunet.trainer import build_trainer
 from tests.conftest import train_argv
 from tests.nnunet.test_training import epoch_records
-from utils.args import parse_main_args
+from utils.args import device_settings, parse_main_args
 
 pytestmark = pytest.mark.gpu
 
@@ -18,7 +18,7 @@ pytestmark = pytest.mark.gpu
                                               (["--amp", "--amp_dtype", "bf16"], "bf16-mixed"),
                                               (["--amp", "--amp_dtype", "fp16"], "16-mixed")])
 def test_amp_dtype_reaches_the_trainer_on_cuda(flags, precision) -> None:
-    assert build_trainer(parse_main_args(["--gpus", "1", *flags]), []).precision == precision
+    assert build_trainer(device_settings(parse_main_args(["--gpus", "1", *flags])), []).precision == precision
 
 
 @pytest.mark.parametrize("flags", [[], ["--amp"], ["--amp", "--amp_dtype", "bf16"]], ids=["fp32", "fp16", "bf16"])

@@ -7,6 +7,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+import pytorch_lightning as pl
 import torch
 
 import main
@@ -14,7 +15,7 @@ from nnunet import benchmark as benchmark_module
 from nnunet.benchmark import PERF_FILE, RandomBatches, StepTimer, benchmark_loader, random_batch, task_plan
 from tests.conftest import TINY_FILTERS
 from utils import logger
-from utils.args import parse_main_args
+from utils.args import loader_settings, parse_main_args
 from utils.logger import read_logs, time_batches
 
 KEYS = {"mode", "device", "devices", "dim", "patch_size", "in_channels", "batch_size", "global_batch_size", "amp",
@@ -22,23 +23,17 @@ KEYS = {"mode", "device", "devices", "dim", "patch_size", "in_channels", "batch_
         "peak_memory_mib"}
 
 
-def count_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
+class StepCounter(pl.Callback):
     """Counts every training and prediction step the benchmark's trainer runs, warmup included."""
-    import pytorch_lightning as pl
 
-    counts = {"train": 0, "predict": 0}
+    def __init__(self) -> None:
+        self.counts = {"train": 0, "predict": 0}
 
-    class Counter(pl.Callback):
-        def on_train_batch_end(self, *args) -> None:
-            counts["train"] += 1
+    def on_train_batch_end(self, *args) -> None:
+        self.counts["train"] += 1
 
-        def on_predict_batch_end(self, *args) -> None:
-            counts["predict"] += 1
-
-    build = benchmark_module.build_trainer
-    monkeypatch.setattr(benchmark_module, "build_trainer",
-                        lambda args, callbacks, **options: build(args, [*callbacks, Counter()], **options))
-    return counts
+    def on_predict_batch_end(self, *args) -> None:
+        self.counts["predict"] += 1
 
 
 def check_record(record: dict, steps: int, batch: int) -> None:
@@ -49,11 +44,12 @@ def check_record(record: dict, steps: int, batch: int) -> None:
     assert 0 < record["latency_90"] <= record["latency_95"] <= record["latency_99"]
 
 
-def test_train_on_random_volumes_times_the_steps_after_the_warmup(tmp_path: Path, monkeypatch) -> None:
-    counts = count_steps(monkeypatch)
+def test_train_on_random_volumes_times_the_steps_after_the_warmup(tmp_path: Path) -> None:
+    counter = StepCounter()
+    counts = counter.counts
     argv = ["--benchmark", "--exec_mode", "train", "--task", "04", "--train_batches", "3", "--warmup", "2",
             "--batch_size", "2", "--results", str(tmp_path), "--seed", "0", *TINY_FILTERS]
-    assert main.main(argv) == 0
+    assert main.main(argv, callbacks=[counter]) == 0
     assert counts["train"] == 5  # 2 warmup + 3 timed
     record = json.loads((tmp_path / PERF_FILE).read_text())
     check_record(record, steps=3, batch=2)
@@ -64,11 +60,12 @@ def test_train_on_random_volumes_times_the_steps_after_the_warmup(tmp_path: Path
     assert not list(tmp_path.glob(".*tmp"))  # perf.json was written atomically
 
 
-def test_predict_2d_with_amp_on_random_volumes(tmp_path: Path, monkeypatch) -> None:
-    counts = count_steps(monkeypatch)
+def test_predict_2d_with_amp_on_random_volumes(tmp_path: Path) -> None:
+    counter = StepCounter()
+    counts = counter.counts
     argv = ["--benchmark", "--exec_mode", "predict", "--task", "04", "--dim", "2", "--test_batches", "4",
             "--warmup", "1", "--batch_size", "4", "--amp", "--results", str(tmp_path), *TINY_FILTERS]
-    assert main.main(argv) == 0
+    assert main.main(argv, callbacks=[counter]) == 0
     assert counts["predict"] == 5
     record = json.loads((tmp_path / PERF_FILE).read_text())
     check_record(record, steps=4, batch=4)
@@ -77,12 +74,13 @@ def test_predict_2d_with_amp_on_random_volumes(tmp_path: Path, monkeypatch) -> N
 
 
 @pytest.mark.parametrize("mode", ["train", "predict"])
-def test_on_a_preprocessed_task(synthetic_task, tmp_path: Path, monkeypatch, mode: str) -> None:
-    counts = count_steps(monkeypatch)
+def test_on_a_preprocessed_task(synthetic_task, tmp_path: Path, mode: str) -> None:
+    counter = StepCounter()
+    counts = counter.counts
     argv = ["--benchmark", "--exec_mode", mode, "--data", str(synthetic_task.preprocessed(3)), "--results",
             str(tmp_path), "--train_batches", "2", "--test_batches", "2", "--warmup", "1", "--batch_size", "2",
             "--nfolds", "4", "--num_workers", "1", "--seed", "0", *TINY_FILTERS]
-    assert main.main(argv) == 0
+    assert main.main(argv, callbacks=[counter]) == 0
     assert counts[mode] == 3
     record = json.loads((tmp_path / PERF_FILE).read_text())
     check_record(record, steps=2, batch=2)
@@ -180,9 +178,8 @@ def test_time_batches_times_only_the_batches_after_the_warmup(monkeypatch) -> No
 
 def test_loader_benchmark_writes_its_record(synthetic_task, tmp_path: Path, capsys) -> None:
     args = parse_main_args(["--data", str(synthetic_task.preprocessed(3)), "--results", str(tmp_path),
-                            "--train_batches", "3", "--warmup", "1", "--batch_size", "2", "--nfolds", "4",
-                            "--num_workers", "1", "--seed", "0"])
-    record = benchmark_loader(args)
+                            "--batch_size", "2", "--nfolds", "4", "--num_workers", "1", "--seed", "0"])
+    record = benchmark_loader(loader_settings(args), 1, 3, str(tmp_path), "logs.json")
     assert record == json.loads((tmp_path / PERF_FILE).read_text())
     assert record["mode"] == "loader" and record["steps"] == 3 and record["warmup"] == 1
     assert record["throughput"] == pytest.approx(2 / (record["latency_mean"] / 1000))

@@ -6,15 +6,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from nnunet.loss import (
-    DeepSupervisionLoss,
-    RegionLoss,
-    SegmentationLoss,
-    labels_to_regions,
-    region_class_order,
-    regions_to_labels,
-)
-from nnunet.network import build_unet
+from data_preprocessing.network_plan import plan_network
+from nnunet.loss import DeepSupervisionLoss, RegionLoss, SegmentationLoss
+from nnunet.network import build_network
+from nnunet.regions import labels_to_regions, region_class_order, regions_to_labels
 
 SMOOTH = 1e-5  # MONAI DiceLoss's default smoothing of numerator and denominator
 BRATS_REGIONS = [[1, 2, 3], [2, 3], [3]]
@@ -187,8 +182,8 @@ def test_deep_supervision_loss_is_the_weighted_sum(base):
 
 
 def test_deep_supervision_with_regions_and_network_output():
-    model = build_unet(1, 3, (16, 16, 16), (1.0, 1.0, 1.0), filters=[4, 8, 16], deep_supervision=True,
-                       deep_supr_num=1).train()
+    network = plan_network([16, 16, 16], [1.0, 1.0, 1.0]).replace(features=(4, 8, 16), deep_supervision_heads=1)
+    model = build_network(1, 3, network).train()
     outputs = model(torch.randn(2, 1, 16, 16, 16))
     masks = labels_to_regions(brats_label()[..., :16, :16, :16].repeat(1, 1, 2, 2, 2), BRATS_REGIONS)
     loss = DeepSupervisionLoss(RegionLoss())(outputs, masks)

@@ -3,11 +3,12 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn as nn
-from monai.networks.nets import DynUNet
 from torch.utils.flop_counter import FlopCounterMode
 
 from data_preprocessing.configs import PATCH_SIZES, SPACINGS
-from nnunet.network import UNet, build_unet, norm_layer
+from data_preprocessing.network_plan import plan_network
+from nnunet.network import UNet, build_network, norm_layer, parameter_count
+from utils.settings import NetworkPlan
 
 NORM_TYPES = {
     "instance": (nn.InstanceNorm2d, nn.InstanceNorm3d),
@@ -15,31 +16,42 @@ NORM_TYPES = {
     "group": (nn.GroupNorm,),
 }
 
-# patch, spacing, filters, norm, res_block, deep_supervision, deep_supr_num
+
+def plan(patch, spacing, planner="default", **changes) -> NetworkPlan:
+    """The preset's network for a patch, with some fields changed."""
+    network = plan_network(list(patch), list(spacing), planner)
+    n = network.n_stages
+    if "features" in changes:
+        changes["features"] = tuple(changes["features"])[:n]
+    return network.replace(**changes) if changes else network
+
+
+def convolutions(module: nn.Module) -> list[nn.Module]:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d | nn.Conv3d)]
+
+
+# patch, spacing, planner, features, norm, heads
 FORWARD_CASES = [
-    ((16, 16, 16), (1.0, 1.0, 1.0), [4, 8, 16], "instance", False, False, 1),
-    ((16, 16, 16), (1.0, 1.0, 1.0), [4, 8, 16], "batch", False, True, 1),
-    ((16, 16, 16), (1.0, 1.0, 1.0), [4, 8, 16], "group", True, True, 1),
-    ((8, 32, 32), (3.0, 1.0, 1.0), [4, 8, 16, 16], "instance", True, False, 1),
-    ((32, 32), (1.0, 1.0), [4, 8, 16, 16], "instance", True, False, 1),
-    ((32, 32), (1.0, 1.0), [4, 8, 16, 16], "batch", False, True, 2),
-    ((32, 32), (1.0, 1.0), [4, 8, 16, 16], "group", False, True, 2),
+    ((16, 16, 16), (1.0, 1.0, 1.0), "default", (4, 8, 16), "instance", 0),
+    ((16, 16, 16), (1.0, 1.0, 1.0), "default", (4, 8, 16), "batch", 1),
+    ((16, 16, 16), (1.0, 1.0, 1.0), "resenc_m", (4, 8, 16), "group", 1),
+    ((8, 32, 32), (3.0, 1.0, 1.0), "resenc_l", (4, 8, 16, 16), "instance", 0),
+    ((32, 32), (1.0, 1.0), "resenc_m", (4, 8, 16, 16), "instance", 0),
+    ((32, 32), (1.0, 1.0), "default", (4, 8, 16, 16), "batch", 2),
+    ((32, 32), (1.0, 1.0), "default", (4, 8, 16, 16), "group", 2),
 ]
 
 
-@pytest.mark.parametrize("patch, spacing, filters, norm, res_block, deep_supervision, deep_supr_num", FORWARD_CASES)
-def test_forward_backward_shapes(patch, spacing, filters, norm, res_block, deep_supervision, deep_supr_num):
+@pytest.mark.parametrize("patch, spacing, planner, features, norm, heads", FORWARD_CASES)
+def test_forward_backward_shapes(patch, spacing, planner, features, norm, heads):
     torch.manual_seed(0)
-    model = build_unet(
-        2, 3, patch, spacing, filters=filters, norm=norm, res_block=res_block,
-        deep_supervision=deep_supervision, deep_supr_num=deep_supr_num,
-    )
+    network = plan(patch, spacing, planner, features=features, norm=norm, deep_supervision_heads=heads)
+    model = build_network(2, 3, network)
     image = torch.randn(2, 2, *patch)
 
     model.train()
     out = model(image)
-    expected = (2, 1 + deep_supr_num, 3, *patch) if deep_supervision else (2, 3, *patch)
-    assert out.shape == expected
+    assert out.shape == ((2, 1 + heads, 3, *patch) if heads else (2, 3, *patch))
     out.square().mean().backward()
     assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
 
@@ -52,11 +64,39 @@ def test_forward_backward_shapes(patch, spacing, filters, norm, res_block, deep_
     if norm == "instance":
         assert all(m.affine for m in norms)
     residual = any(hasattr(m, "conv3") for m in model.modules())
-    assert residual == res_block
+    assert residual == (planner != "default")
 
 
-# Levels of the published nnU-Net plans: 6 (the depth cap) except the small hippocampus patches.
-EXPECTED_LEVELS = {key: 4 if key.startswith("04") else 6 for key in PATCH_SIZES}
+def test_the_plan_is_the_network():
+    """Every field of the plan shows in the built network: features, kernels, strides and blocks per stage."""
+    network = NetworkPlan(kind="unet", features=(4, 6, 8, 10), kernels=((1, 3, 3), (3, 3, 3), (3, 3, 3), (3, 1, 3)),
+                          strides=((1, 1, 1), (1, 2, 2), (2, 2, 2), (2, 1, 2)), encoder_blocks=(1, 2, 3, 1),
+                          decoder_blocks=(2, 1, 3))
+    model = build_network(1, 2, network)
+    encoder = [convolutions(stage) for stage in model.encoder]
+    assert [len(stage) for stage in encoder] == [1, 2, 3, 1]
+    assert [stage[0].out_channels for stage in encoder] == [4, 6, 8, 10]
+    assert [list(stage[0].kernel_size) for stage in encoder] == [list(k) for k in network.kernels]
+    assert [list(stage[0].stride) for stage in encoder] == [list(s) for s in network.strides]
+    # Decoder stages deepest first: stages 2, 1, 0 with 3, 1, 2 convolutions and that stage's own kernel.
+    decoder = [convolutions(stage) for stage in model.decoder]
+    assert [len(stage) for stage in decoder] == [3, 1, 2]
+    assert [list(stage[0].kernel_size) for stage in decoder] == [[3, 3, 3], [3, 3, 3], [1, 3, 3]]
+    assert [list(up.conv.stride) for up in model.upsamples] == [[2, 1, 2], [2, 2, 2], [1, 2, 2]]
+    assert model(torch.randn(1, 1, 8, 16, 32)).shape == (1, 2, 8, 16, 32)
+
+
+def test_residual_encoder_has_a_stem_and_residual_blocks_per_stage():
+    network = plan((32, 32, 32), (1.0, 1.0, 1.0), "resenc_m", features=(4, 8, 16, 16))
+    assert network.encoder_blocks == (1, 3, 4, 6) and network.decoder_blocks == (1, 1, 1)
+    model = build_network(1, 2, network)
+    assert convolutions(model.stem)[0].out_channels == 4
+    assert [len(stage) for stage in model.encoder] == [1, 3, 4, 6]
+    assert all(len(convolutions(stage)) == 1 for stage in model.decoder)
+
+
+# Stages of the published nnU-Net plans: 6 (the depth cap) except the small hippocampus patches.
+EXPECTED_STAGES = {key: 4 if key.startswith("04") else 6 for key in PATCH_SIZES}
 
 
 @pytest.mark.parametrize("key", sorted(PATCH_SIZES))
@@ -66,29 +106,19 @@ def test_msd_configs_construct(key):
     spacing = SPACINGS[task] if dim == "3d" else SPACINGS[task][1:]
     # The meta device builds full-size networks and traces shapes without allocating or computing anything.
     with torch.device("meta"):
-        model = build_unet(4, 3, patch, spacing, deep_supervision=True, deep_supr_num=2)
-        assert len(model.downsamples) + 2 == EXPECTED_LEVELS[key]
+        network = plan(patch, spacing, deep_supervision_heads=2)
+        model = build_network(4, 3, network)
+        assert network.n_stages == EXPECTED_STAGES[key]
         cap = 320 if dim == "3d" else 512
-        assert model.filters == [min(32 * 2**level, cap) for level in range(EXPECTED_LEVELS[key])]
+        assert list(network.features) == [min(32 * 2**level, cap) for level in range(EXPECTED_STAGES[key])]
         assert model.train()(torch.empty(1, 4, *patch)).shape == (1, 3, 3, *patch)
 
 
-@pytest.mark.parametrize("key", ["04_3d", "04_2d"])
-def test_small_msd_configs_forward(key):
-    task, dim = key.split("_")
-    patch = PATCH_SIZES[key]
-    spacing = SPACINGS[task] if dim == "3d" else SPACINGS[task][1:]
-    model = build_unet(1, 3, patch, spacing, filters=[4] * 6).eval()
-    with torch.no_grad():
-        out = model(torch.randn(1, 1, *patch))
-    assert out.shape == (1, 3, *patch) and torch.isfinite(out).all()
-
-
-def _stock_dynunet(model: UNet) -> DynUNet:
-    return DynUNet(
-        model.spatial_dims, model.in_channels, model.out_channels, model.kernel_size, model.strides,
-        model.upsample_kernel_size, filters=model.filters,
-    )
+def test_brain_tumour_network_has_nnunets_size():
+    """The default plan for MSD Task01 (4 channels, 128^3) is nnU-Net's 3D U-Net: about 31 M parameters."""
+    with torch.device("meta"):
+        model = build_network(4, 4, plan(PATCH_SIZES["01_3d"], SPACINGS["01"]))
+    assert 30e6 < parameter_count(model) < 32e6
 
 
 def _forward_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
@@ -97,79 +127,74 @@ def _forward_flops(model: nn.Module, shape: tuple[int, ...]) -> int:
     return counter.get_total_flops()
 
 
-def test_decoder_uses_each_levels_own_kernel():
-    model = build_unet(1, 2, (8, 32, 32), (3.0, 1.0, 1.0), filters=[4, 8, 16, 16])
-    assert model.kernel_size == [[1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]
-    stock = _stock_dynunet(model)
-    # upsamples[j] lands on level n - 2 - j (deepest first).
-    n_levels = len(model.kernel_size)
-    for j, (ours, theirs) in enumerate(zip(model.upsamples, stock.upsamples)):
-        level = n_levels - 2 - j
-        for conv in (ours.conv_block.conv1.conv, ours.conv_block.conv2.conv):
-            assert list(conv.kernel_size) == model.kernel_size[level]
-        assert list(theirs.conv_block.conv1.conv.kernel_size) == model.kernel_size[level + 1]
-    assert model.upsamples[-1].conv_block.conv1.conv.kernel_size == (1, 3, 3)
-    assert stock.upsamples[-1].conv_block.conv1.conv.kernel_size == (3, 3, 3)
-
-    # Only the full-resolution decoder differs: its two convolutions (2f -> f, f -> f) lose 27 - 9 taps per
-    # weight; a convolution costs 2 FLOPs per multiply-add and output voxel.
+def test_full_resolution_decoder_keeps_the_thin_slice_kernel():
+    """On an anisotropic plan the full-resolution decoder convolves 1x3x3, as its encoder stage does."""
+    network = plan((8, 32, 32), (3.0, 1.0, 1.0), features=(4, 8, 16, 16))
+    assert network.kernels[0] == (1, 3, 3)
+    model = build_network(1, 2, network)
+    assert all(list(conv.kernel_size) == [1, 3, 3] for conv in convolutions(model.decoder[-1]))
+    wider = build_network(1, 2, network.replace(kernels=((3, 3, 3), *network.kernels[1:])))
+    # Only stage 0 differs: its encoder (1 -> f, f -> f) and decoder (2f -> f, f -> f) convolutions lose 27 - 9
+    # taps per weight; a convolution costs 2 FLOPs per multiply-add and output voxel.
     voxels, f0 = 8 * 32 * 32, 4
-    saved = 2 * voxels * (2 * f0 * f0 + f0 * f0) * (27 - 9)
+    saved = 2 * voxels * (f0 + f0 * f0 + 2 * f0 * f0 + f0 * f0) * (27 - 9)
     shape = (1, 1, 8, 32, 32)
-    assert _forward_flops(stock, shape) - _forward_flops(model, shape) == saved
-
-
-def test_isotropic_plan_matches_stock_dynunet():
-    model = build_unet(1, 2, (16, 16, 16), (1.0, 1.0, 1.0), filters=[4, 8, 16])
-    stock = _stock_dynunet(model)
-    assert [p.shape for p in model.parameters()] == [p.shape for p in stock.parameters()]
+    assert _forward_flops(wider, shape) - _forward_flops(model, shape) == saved
 
 
 def test_negative_slope_reaches_every_leaky_relu():
-    model = build_unet(1, 2, (16, 16, 16), (1.0, 1.0, 1.0), filters=[4, 8, 16], res_block=True,
-                       deep_supervision=True, deep_supr_num=1, negative_slope=0.2)
+    network = plan((16, 16, 16), (1.0, 1.0, 1.0), "resenc_m", features=(4, 8, 16), negative_slope=0.2,
+                   deep_supervision_heads=1)
+    model = build_network(1, 2, network)
     activations = [m for m in model.modules() if isinstance(m, nn.LeakyReLU)]
-    # Input block, one encoder block, bottleneck and two decoder blocks: one activation module each.
-    assert len(activations) == 5
-    assert all(m.negative_slope == 0.2 for m in activations)
-    other = [m for m in model.modules() if isinstance(m, nn.ReLU | nn.PReLU | nn.ELU | nn.GELU)]
-    assert not other
+    assert activations and all(m.negative_slope == 0.2 for m in activations)
+    assert not [m for m in model.modules() if isinstance(m, nn.ReLU | nn.PReLU | nn.ELU | nn.GELU)]
 
 
 @pytest.mark.parametrize(
-    "filters, groups",
-    [(None, 16), ([4, 8, 16], 4), ([24, 48, 96], 8), ([6, 12, 24], 2)],
+    "features, groups",
+    [((32, 64, 128, 256, 320, 320), 16), ((4, 8, 16), 4), ((24, 48, 96), 8), ((6, 12, 24), 2)],
 )
-def test_group_norm_divides_every_filter_count(filters, groups):
-    assert norm_layer("group", filters or [32, 64, 128, 256, 320, 320]) == ("GROUP", {"num_groups": groups})
+def test_group_norm_divides_every_feature_count(features, groups):
+    assert norm_layer("group", features) == ("GROUP", {"num_groups": groups})
     with torch.device("meta"):
-        model = build_unet(1, 2, (16, 16, 16), (1.0, 1.0, 1.0), filters=filters, norm="group")
+        model = build_network(1, 2, plan((16, 16, 16), (1.0, 1.0, 1.0), features=features[:3], norm="group"))
     norms = [m for m in model.modules() if isinstance(m, nn.GroupNorm)]
-    assert norms and all(m.num_groups == groups and m.num_channels % groups == 0 for m in norms)
+    assert norms and all(m.num_groups == math_gcd(groups, features[:3]) for m in norms)
 
 
-def test_extra_filters_are_cut_to_the_plan():
-    model = build_unet(1, 2, (16, 16, 16), (1.0, 1.0, 1.0), filters=[4, 8, 16, 32, 64])
-    assert model.filters == [4, 8, 16]
+def math_gcd(groups: int, features) -> int:
+    import math
+
+    return math.gcd(groups, *features)
 
 
 @pytest.mark.parametrize(
-    "kwargs, message",
+    "changes, message",
     [
-        ({"filters": [4, 8]}, "3 levels"),
-        ({"deep_supervision": True, "deep_supr_num": 2}, "between 1 and 1"),
-        ({"norm": "layer"}, "unknown norm"),
-        ({"min_fmap": 8}, "only 2 U-Net levels"),
+        ({"features": (4, 8, 16, 32)}, "one entry per stage"),
+        ({"deep_supervision_heads": 2}, "from 0 to 1"),
+        ({"norm": "layer"}, "'norm' must be one of"),
+        ({"kernels": ((2, 3, 3), (3, 3, 3), (3, 3, 3))}, "odd sizes"),
+        ({"strides": ((2, 2, 2), (2, 2, 2), (2, 2, 2))}, "strides\\[0\\]"),
+        ({"decoder_blocks": (1, 1, 1)}, "one entry per decoder stage"),
+        ({"encoder_blocks": (1, 0, 1)}, "block counts"),
+        ({"kind": "transformer"}, "'kind' must be one of"),
     ],
 )
-def test_invalid_settings_are_rejected(kwargs, message):
+def test_invalid_plans_are_rejected(changes, message):
+    network = plan((16, 16, 16), (1.0, 1.0, 1.0), features=(4, 8, 16))
     with pytest.raises(ValueError, match=message):
-        build_unet(1, 2, (16, 16, 16), (1.0, 1.0, 1.0), **kwargs)
+        network.replace(**changes)
 
 
-def test_patch_and_spacing_must_agree():
-    with pytest.raises(ValueError, match="2 or 3 axes"):
-        build_unet(1, 2, (16, 16, 16), (1.0, 1.0))
+def test_plan_round_trips_through_json():
+    network = plan((8, 32, 32), (3.0, 1.0, 1.0), "resenc_l", deep_supervision_heads=1)
+    assert NetworkPlan.from_dict(network.to_dict()) == network
+    with pytest.raises(ValueError, match="has no 'strides'"):
+        NetworkPlan.from_dict({k: v for k, v in network.to_dict().items() if k != "strides"})
+    with pytest.raises(ValueError, match="unknown 'network' key"):
+        NetworkPlan.from_dict({**network.to_dict(), "width": 2})
 
 
 @pytest.mark.parametrize("dim", [2, 3])
@@ -191,9 +216,8 @@ def test_cpu_instance_norm_matches_torch_in_value_gradient_and_state_dict(dim):
     (grad_expected,) = torch.autograd.grad(expected.square().sum(), image)
     (grad_actual,) = torch.autograd.grad(actual.square().sum(), image)
     assert torch.allclose(grad_actual, grad_expected, atol=1e-4)
-    plain = DynUNet(3, 1, 2, [[3, 3, 3]] * 3, [[1, 1, 1], [2, 2, 2], [2, 2, 2]], [[2, 2, 2]] * 2, filters=[4, 8, 16],
-                    norm_name=("INSTANCE", {"affine": True}))
-    ours = build_unet(1, 2, (16, 16, 16), (1.0, 1.0, 1.0), filters=[4, 8, 16])
+    plain = UNet(1, 2, plan((16, 16, 16), (1.0, 1.0, 1.0), features=(4, 8, 16)))
+    ours = build_network(1, 2, plan((16, 16, 16), (1.0, 1.0, 1.0), features=(4, 8, 16)))
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in plain.state_dict().items()}
 
 
@@ -201,7 +225,7 @@ def test_channels_last_layout_gives_the_same_output_and_switches_back_for_traini
     from nnunet.network import set_layout
 
     torch.manual_seed(0)
-    model = build_unet(2, 3, (16, 32, 32), (1.0, 1.0, 1.0), filters=[32, 64, 64, 64]).eval()
+    model = build_network(2, 3, plan((16, 32, 32), (1.0, 1.0, 1.0), features=(32, 64, 64, 64))).eval()
     image = torch.randn(2, 2, 16, 32, 32)
     with torch.inference_mode():
         expected = model(image)
@@ -216,6 +240,6 @@ def test_channels_last_layout_gives_the_same_output_and_switches_back_for_traini
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     model(image).mean().backward()  # weights converted inside inference mode would be rejected here
     optimizer.step()
-    two_d = build_unet(1, 2, (32, 32), (1.0, 1.0), filters=[4, 8, 16, 32])
+    two_d = build_network(1, 2, plan((32, 32), (1.0, 1.0), features=(4, 8, 16, 32)))
     strides = [p.stride() for p in two_d.parameters()]
     assert [p.stride() for p in set_layout(two_d, channels_last=True).parameters()] == strides  # 2D: untouched

@@ -15,9 +15,8 @@ import torch
 import main
 import preprocess
 from nnunet.mlperf import MLPerfReport, QualityThreshold, mlperf_metrics
-from nnunet.nn_unet import NNUnet
+from tests.conftest import module_from_argv
 from tests.data_preprocessing.test_layouts import write_kits
-from utils.args import parse_main_args
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -113,8 +112,7 @@ BRATS_CONFIG = {"in_channels": 4, "n_class": 4, "patch_size": [16, 16, 16], "spa
 
 
 def test_brats_scores_carry_the_tensorflow_names_and_the_edema():
-    args = vars(parse_main_args(["--brats", "--filters", "4", "8", "16"]))
-    model = NNUnet(args, BRATS_CONFIG)
+    model = module_from_argv(["--brats", "--filters", "4", "8", "16"], BRATS_CONFIG)
     assert model.class_names == ["WholeTumor", "TumorCore", "EnhancingTumor", "PeritumoralEdema"]
     assert model.n_outputs == 3 and model.activation == "sigmoid"
     label = torch.zeros(1, 1, 4, 4, 4, dtype=torch.uint8)

@@ -4,19 +4,20 @@ import re
 import shutil
 import subprocess
 import sys
-from argparse import Namespace
 from pathlib import Path
 
 import pytest
 import torch
 
 import main
-from nnunet.nn_unet import NNUnet, make_scheduler
-from nnunet.run import build_trainer
-from tests.conftest import train_argv
-from utils.args import parse_main_args
+from nnunet.nn_unet import NNUnet
+from nnunet.schedules import make_scheduler
+from nnunet.trainer import build_trainer
+from tests.conftest import module_from_argv, train_argv
+from utils.args import device_settings, parse_main_args
 from utils.errors import UserError
 from utils.logger import read_logs
+from utils.settings import OptimSettings
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -149,9 +150,9 @@ def test_wrong_checkpoints_are_clear_errors(trained, synthetic_task, tmp_path, c
 
 
 def schedule(name: str, epochs: int = 10, **options) -> list[float]:
-    args = Namespace(scheduler=name, epochs=epochs, lr_warmup_epochs=0, lr_steps=None, lr_gamma=0.1, lr_patience=1,
-                     learning_rate=1.0, warmup_start_lr=0.0)
-    vars(args).update(options)
+    settings = {"lr_gamma": 0.1, "lr_patience": 1, "learning_rate": 1.0, **options}
+    settings["lr_steps"] = tuple(settings.get("lr_steps", ()))
+    args = OptimSettings(scheduler=name, epochs=epochs, **settings)
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = make_scheduler(optimizer, args)
     rates = []
@@ -164,7 +165,7 @@ def schedule(name: str, epochs: int = 10, **options) -> list[float]:
 
 def test_learning_rate_schedules():
     assert make_scheduler(torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0),
-                          Namespace(scheduler="none", epochs=3, lr_warmup_epochs=0)) is None
+                          OptimSettings(scheduler="none", epochs=3)) is None
     cosine = schedule("cosine", lr_warmup_epochs=2)
     assert cosine[:3] == pytest.approx([0.5, 1.0, 1.0]) and cosine[-1] < 0.05
     assert all(a >= b for a, b in zip(cosine[2:], cosine[3:]))
@@ -209,9 +210,9 @@ def test_accelerator_flag_names_any_lightning_accelerator(synthetic_task, tmp_pa
 
 
 def test_cuda_calls_sit_behind_the_device_choice():
-    """Only the modules that choose the device (nnunet/run.py, the DALI device in data_loading/dali_loader.py)
+    """Only the modules that choose the device (nnunet/trainer.py, the DALI device in data_loading/dali_loader.py)
     call CUDA directly; everything else follows the Trainer's device."""
-    allowed = {"nnunet/run.py", "data_loading/dali_loader.py"}
+    allowed = {"nnunet/trainer.py", "data_loading/dali_loader.py"}
     pattern = re.compile(r"torch\.cuda\.|\.cuda\(")
     for folder in ("nnunet", "data_loading", "data_preprocessing", "utils", "scripts"):
         for path in (ROOT / folder).rglob("*.py"):
@@ -226,7 +227,7 @@ def test_optimisation_flags_reach_the_optimizer_scheduler_and_trainer():
     argv = ["--filters", "4", "8", "16", "--optimizer", "sgd", "--learning_rate", "0.3", "--momentum", "0.8",
             "--weight_decay", "0.01", "--scheduler", "plateau", "--eval_every", "3", "--lr_gamma", "0.25",
             "--lr_patience", "2"]
-    setup = NNUnet(vars(parse_main_args(argv)), config).configure_optimizers()
+    setup = module_from_argv(argv, config).configure_optimizers()
     group = setup["optimizer"].param_groups[0]
     assert isinstance(setup["optimizer"], torch.optim.SGD) and group["nesterov"]
     assert (group["lr"], group["momentum"], group["weight_decay"]) == (0.3, 0.8, 0.01)
@@ -235,20 +236,25 @@ def test_optimisation_flags_reach_the_optimizer_scheduler_and_trainer():
     assert plateau["frequency"] == 3 and plateau["monitor"] == "dice_mean"
     assert (plateau["scheduler"].factor, plateau["scheduler"].patience) == (0.25, 2)
     for name, kind in (("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW), ("radam", torch.optim.RAdam)):
-        optimizer = NNUnet(vars(parse_main_args(["--filters", "4", "8", "16", "--optimizer", name, "--weight_decay",
-                                                 "0.02"])), config).configure_optimizers()["optimizer"]
+        optimizer = module_from_argv(["--filters", "4", "8", "16", "--optimizer", name, "--weight_decay", "0.02"],
+                                     config).configure_optimizers()["optimizer"]
         assert type(optimizer) is kind and optimizer.param_groups[0]["weight_decay"] == 0.02
 
-    trainer = build_trainer(parse_main_args(["--eval_every", "3", "--gradient_clip_val", "1.5", "--amp"]), [])
+    args = parse_main_args(["--eval_every", "3", "--gradient_clip_val", "1.5", "--amp"])
+    trainer = build_trainer(device_settings(args), [], check_val_every_n_epoch=args.eval_every,
+                            gradient_clip_val=args.gradient_clip_val)
     assert trainer.check_val_every_n_epoch == 3 and trainer.gradient_clip_val == 1.5
     assert trainer.precision == "bf16-mixed"  # --amp on the CPU
 
 
 def test_amp_dtype_reaches_the_trainer_precision(capsys):
-    assert build_trainer(parse_main_args([]), []).precision == "32-true"
-    assert build_trainer(parse_main_args(["--amp", "--amp_dtype", "bf16"]), []).precision == "bf16-mixed"
+    def precision(*argv: str) -> str:
+        return build_trainer(device_settings(parse_main_args(list(argv))), []).precision
+
+    assert precision() == "32-true"
+    assert precision("--amp", "--amp_dtype", "bf16") == "bf16-mixed"
     with pytest.raises(UserError, match="fp16 runs on CUDA only"):  # the CPU autocasts to bf16 only
-        build_trainer(parse_main_args(["--amp", "--amp_dtype", "fp16"]), [])
+        precision("--amp", "--amp_dtype", "fp16")
     with pytest.raises(SystemExit):
         parse_main_args(["--amp_dtype", "bf16"])
     assert "--amp_dtype bf16 needs --amp" in capsys.readouterr().err
@@ -282,7 +288,7 @@ def test_model_and_inference_flags_reach_the_network_loss_and_sliding_window(tmp
               "labels": {"0": "background", "1": "a", "2": "b"}}
     argv = ["--filters", "4", "8", "16", "--norm", "group", "--negative_slope", "0.1", "--focal", "--overlap",
             "0.25", "--blend", "constant", "--tta", "--val_batch_size", "3"]
-    model = NNUnet(vars(parse_main_args(argv)), config)
+    model = module_from_argv(argv, config)
     assert any(isinstance(m, torch.nn.GroupNorm) for m in model.model.modules())
     slopes = {m.negative_slope for m in model.model.modules() if isinstance(m, torch.nn.LeakyReLU)}
     assert slopes == {0.1} and model.base_loss.focal

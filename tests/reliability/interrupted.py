@@ -75,11 +75,8 @@ def main() -> int:
 
         return preprocess.main(argv)
     import main as entry
-    import nnunet.run as run
 
-    build = run.build_trainer
-    run.build_trainer = lambda args, callbacks, max_epochs=None: build(args, [Markers(), *callbacks], max_epochs)
-    return entry.main(argv)
+    return entry.main(argv, callbacks=[Markers()])
 
 
 if __name__ == "__main__":

@@ -12,7 +12,7 @@ from pytorch_lightning.plugins import MixedPrecision
 from torch.utils.data import DataLoader, TensorDataset
 
 import main
-from nnunet.callbacks import AtomicCheckpointIO
+from nnunet.checkpoints import AtomicCheckpointIO
 from tests.conftest import train_argv
 
 
@@ -30,17 +30,26 @@ def edited(trained, tmp_path, edit) -> str:
     return str(path)
 
 
+HEAD = "model.heads.0.conv.conv"
+
+
 def wider_output(checkpoint):
-    checkpoint["state_dict"]["model.output_block.conv.conv.weight"] = torch.zeros(4, 16, 1, 1, 1)
+    checkpoint["state_dict"][f"{HEAD}.weight"] = torch.zeros(4, 16, 1, 1, 1)
+
+
+def from_an_earlier_version(checkpoint):
+    checkpoint["hyper_parameters"] = {"args": {"filters": [8, 16, 32, 64]}, "config": {}}
 
 
 @pytest.mark.parametrize("edit, message", [
-    (wider_output, "does not fit the network it describes (model.output_block.conv.conv.weight: (4, 16, 1, 1, 1) in "
-                   "the checkpoint, (4, 8, 1, 1, 1) in the network)"),
-    (lambda c: c["state_dict"].pop("model.output_block.conv.conv.bias"),
-     "(model.output_block.conv.conv.bias: missing in the checkpoint, (4,) in the network)"),
-    (lambda c: c["hyper_parameters"].pop("config"), "is not a checkpoint written by this program (no task plan"),
-    (lambda c: c["hyper_parameters"]["args"].pop("filters"), "lacks a setting this program needs"),
+    (wider_output, f"does not fit the network it describes ({HEAD}.weight: (4, 16, 1, 1, 1) in "
+                   f"the checkpoint, (4, 8, 1, 1, 1) in the network)"),
+    (lambda c: c["state_dict"].pop(f"{HEAD}.bias"), f"({HEAD}.bias: missing in the checkpoint, (4,) in the network)"),
+    (lambda c: c["hyper_parameters"].pop("config"), "is not a checkpoint written by this version of the program"),
+    (lambda c: c["hyper_parameters"]["model"]["network"].pop("features"),
+     "holds settings this version cannot read"),
+    (from_an_earlier_version, "was written by an earlier version of this program, before checkpoints held their "
+                              "network's plan"),
     (lambda c: c["hyper_parameters"]["config"].update(spacing=[2.0, 2.0, 2.0]),
      "was trained on data resampled to [2.0, 2.0, 2.0] mm but the data at --data is resampled to"),
 ])
@@ -70,7 +79,7 @@ def test_resuming_with_another_network_is_refused_before_training(trained, synth
                       str(trained / "checkpoints" / "last.ckpt"), *flags)
     assert main.main(argv) == 1
     error = one_line_error(capsys)
-    assert "has another architecture than the network of these flags" in error
+    assert "has another network than the plan and flags of this run" in error
     assert error.endswith("resume with the flags it was trained with")
     assert not (results / "logs.json").exists()
 

@@ -24,11 +24,17 @@ import download
 import evaluate
 import main
 import preprocess
-from data_preprocessing import preprocessor
-from nnunet.run import evaluate as run_evaluate
+from data_preprocessing import transforms
+from nnunet.run import evaluate as evaluate_checkpoint
 from tests.conftest import train_argv
 from tests.factories import blob_case, write_msd_task
+from utils import args as cli
 from utils.args import parse_main_args
+
+
+def run_evaluate(args) -> dict:
+    return evaluate_checkpoint(cli.loader_settings(args), args.ckpt_path, cli.model_flags(args),
+                               cli.inference_settings(args), cli.device_settings(args))
 
 
 def one_line_error(capsys) -> str:
@@ -82,8 +88,8 @@ def test_tiny_cases_and_empty_labels_train_validate_and_predict(odd_task, tmp_pa
 
     # A network that predicts background everywhere: Dice 1 on the empty case, 0 where there is foreground.
     checkpoint = torch.load(results / "checkpoints" / "last.ckpt", weights_only=True)
-    checkpoint["state_dict"]["model.output_block.conv.conv.weight"].zero_()
-    checkpoint["state_dict"]["model.output_block.conv.conv.bias"].copy_(torch.tensor([50.0, 0.0, 0.0]))
+    checkpoint["state_dict"]["model.heads.0.conv.conv.weight"].zero_()
+    checkpoint["state_dict"]["model.heads.0.conv.conv.bias"].copy_(torch.tensor([50.0, 0.0, 0.0]))
     torch.save(checkpoint, tmp_path / "background.ckpt")
     evaluate_argv = ["--exec_mode", "evaluate", "--data", str(data), "--results", str(tmp_path), "--num_workers", "2",
                      "--ckpt_path", str(tmp_path / "background.ckpt")]
@@ -154,7 +160,7 @@ def test_extreme_intensity_outliers_stay_finite_and_keep_the_contrast(tmp_path, 
         assert configs[1]["normalization"][0]["std"] == pytest.approx(configs[0]["normalization"][0]["std"], rel=0.05)
 
     # The fence leaves ordinary images as they were without it (one process: the patch applies to this one only).
-    monkeypatch.setattr(preprocessor, "clip_outliers", lambda image, body: image)
+    monkeypatch.setattr(transforms, "clip_outliers", lambda image, body: image)
     assert preprocess.main(["--task", "46", "--data", str(tmp_path / "clean"), "--results",
                             str(tmp_path / "unfenced"), "--n_jobs", "1"]) == 0
     np.testing.assert_array_equal(np.load(tmp_path / "unfenced" / "46_3d" / "case_0_x.npy"), clean)

@@ -20,11 +20,10 @@ import pytorch_lightning as pl
 import torch
 
 import main
-import nnunet.run as run
 from data_loading.data_module import DataModule
 from nnunet.callbacks import epoch_history
 from tests.conftest import train_argv
-from utils.args import parse_main_args
+from utils.args import loader_settings, parse_main_args
 from utils.logger import DLLogger, read_logs
 
 HERE = Path(__file__).resolve().parent
@@ -190,7 +189,7 @@ def test_a_resumed_run_does_not_replay_the_patches_of_the_first_epoch(synthetic_
     args = parse_main_args(train_argv(synthetic_task.preprocessed(3), tmp_path, "--train_batches", "1"))
 
     def first_batch(epoch: int | None) -> torch.Tensor:
-        datamodule = DataModule(args)
+        datamodule = DataModule(loader_settings(args))
         if epoch is not None:  # the epoch Lightning restored from a checkpoint
             datamodule.trainer = SimpleNamespace(current_epoch=epoch, global_rank=0, world_size=1, local_rank=0)
         datamodule.setup("fit")
@@ -203,19 +202,16 @@ def test_a_resumed_run_does_not_replay_the_patches_of_the_first_epoch(synthetic_
     assert not torch.equal(first_batch(3), fresh)
 
 
-def test_sigterm_during_prediction_stops_after_the_running_case(trained, synthetic_task, tmp_path, monkeypatch,
+def test_sigterm_during_prediction_stops_after_the_running_case(trained, synthetic_task, tmp_path,
                                                                 capsys):
     class SigtermInFirstCase(pl.Callback):
         def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
             if batch_idx == 0:
                 os.kill(os.getpid(), signal.SIGTERM)  # Lightning's handler is installed while predict runs
 
-    build = run.build_trainer
-    monkeypatch.setattr(run, "build_trainer", lambda args, callbacks, max_epochs=None:
-                        build(args, [SigtermInFirstCase(), *callbacks], max_epochs))
     argv = ["--exec_mode", "predict", "--data", str(synthetic_task.preprocessed(3)), "--results", str(tmp_path),
             "--num_workers", "2", "--ckpt_path", str(trained / "checkpoints" / "last.ckpt"), "--save_preds"]
-    assert main.main(argv) == 128 + signal.SIGTERM
+    assert main.main(argv, callbacks=[SigtermInFirstCase()]) == 128 + signal.SIGTERM
     assert "stopped by SIGTERM before the end of --exec_mode predict" in capsys.readouterr().err
     written = list((tmp_path / "predictions").iterdir())
     assert len(written) == 1 and written[0].name.endswith(".nii.gz")  # of two test cases, the first, complete

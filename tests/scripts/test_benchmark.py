@@ -32,7 +32,8 @@ def tiny_task(folder: Path, n_cases: int = 4) -> Path:
         image = np.random.default_rng(index).normal(size=(1, 20, 24, 24)).astype(np.float32)
         np.save(folder / f"case_{index}_x.npy", image)
         np.save(folder / f"case_{index}_y.npy", label)
-    config = {"dim": 3, "in_channels": 1, "n_class": 2, "patch_size": [16, 16, 16]}
+    config = {"dim": 3, "in_channels": 1, "n_class": 2, "patch_size": [16, 16, 16], "spacing": [1.0, 1.0, 1.0],
+              "labels": {"0": "background", "1": "foreground"}}
     (folder / "config.json").write_text(json.dumps(config))
     return folder
 
