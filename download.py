@@ -18,7 +18,8 @@ from utils.errors import UserError
 def main(argv: Sequence[str] | None = None) -> int:
     args = download_parser().parse_args(argv)
     try:
-        task_dir = obtain_task(args)
+        task_dir = obtain_task(args.task, args.data, keep=args.keep, mirror=args.mirror, seed=args.seed,
+                               n_cases=args.n_cases, n_test=args.n_test, size=args.size)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

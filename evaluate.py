@@ -13,7 +13,8 @@ from utils.errors import UserError
 def main(argv: Sequence[str] | None = None) -> int:
     args = evaluate_parser().parse_args(argv)
     try:
-        run_evaluation(args)
+        run_evaluation(args.preds, args.lbls, hd95=args.hd95, hd95_mode=args.hd95_mode, output=args.output,
+                       dataset_json=args.dataset_json, predicted_only=args.predicted_only)
     except UserError as error:  # EvaluationError, WriteError: one line, nothing half-written
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -4,13 +4,20 @@ import logging
 import signal
 import sys
 import warnings
+from pathlib import Path
 
+import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from data_preprocessing.plans import read_config
+from nnunet.benchmark import benchmark
+from nnunet.nn_unet import PREDICTIONS, model_settings
 from nnunet.preemption import Preempted
-from nnunet.run import run
+from nnunet.run import CHECKPOINTS, evaluate, predict, train
+from utils import args as cli
 from utils.args import parse_main_args
 from utils.errors import UserError
+from utils.io import removing_new_empty_folders
 
 
 def quiet_lightning() -> None:
@@ -18,6 +25,25 @@ def quiet_lightning() -> None:
     its own summary. A deprecation inside Lightning's own code is not actionable here either."""
     logging.getLogger("pytorch_lightning.utilities.rank_zero").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+
+
+def run(args, callbacks: list[pl.Callback] | None = None) -> None:
+    """The mode the arguments ask for, each given the settings it needs; a run that fails leaves none of the
+    results folders it created empty."""
+    device, inference, flags = cli.device_settings(args), cli.inference_settings(args), cli.model_flags(args)
+    loader = cli.loader_settings(args)
+    results = Path(args.results)
+    with removing_new_empty_folders(results / CHECKPOINTS, results / PREDICTIONS):
+        if args.benchmark:
+            benchmark(cli.benchmark_settings(args), loader, device, flags, cli.optim_settings(args), callbacks)
+        elif args.exec_mode == "train":
+            config = read_config(args.data)
+            model = model_settings(config, args.dim, flags, cli.targets(args), args.focal)
+            train(loader, model, cli.optim_settings(args), inference, device, cli.training_settings(args), callbacks)
+        elif args.exec_mode == "evaluate":
+            evaluate(loader, args.ckpt_path, flags, inference, device, callbacks)
+        else:
+            predict(loader, args.ckpt_path, flags, inference, device, args.input, callbacks)
 
 
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:

@@ -12,7 +12,6 @@ archive member) raises `DownloadError`, a `UserError`, with a one-sentence messa
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import http.client
 import os
@@ -439,11 +438,13 @@ def _download_with_retries(url: str, part: Path, verbose: bool, attempts: int) -
         attempt += 1
 
 
-def obtain_task(args: argparse.Namespace) -> Path:
-    """Make a task available in `args.data`: the synthetic task 00 offline, or an MSD task 01-10.
+def obtain_task(task: str, data: str | os.PathLike, keep: bool = False, mirror: str | None = None, seed: int = 0,
+                n_cases: int = 32, n_test: int = 4, size: int = 64) -> Path:
+    """Make a task available in `data`: the synthetic task 00 offline, or an MSD task 01-10.
 
     Args:
-        args: parsed `download.py` arguments (task, data, keep, mirror, seed, n_cases, n_test, size).
+        task, data, keep, mirror: the MSD task, the folder, keep the archive, another base URL (`fetch_task`).
+        seed, n_cases, n_test, size: the synthetic task's (`make_synthetic_task`).
 
     Returns:
         The task folder.
@@ -451,13 +452,12 @@ def obtain_task(args: argparse.Namespace) -> Path:
     Raises:
         UserError: the task cannot be fetched or generated with these arguments.
     """
-    if task_number(str(args.task)) == "00":
+    if task_number(str(task)) == "00":
         # Imported here so that fetching MSD tasks does not need the generator's dependencies.
         from data_preprocessing.synthetic import make_synthetic_task
 
         try:
-            return Path(make_synthetic_task(args.data, seed=args.seed, n_cases=args.n_cases, n_test=args.n_test,
-                                            size=args.size))
+            return Path(make_synthetic_task(data, seed=seed, n_cases=n_cases, n_test=n_test, size=size))
         except ValueError as error:  # the generator's message names the argument that is out of range
             raise UserError(f"synthetic task 00: {error}") from None
-    return fetch_task(args.task, args.data, keep=args.keep, mirror=args.mirror)
+    return fetch_task(task, data, keep=keep, mirror=mirror)

@@ -12,7 +12,6 @@ file, before anything is written.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -409,23 +408,28 @@ def write_results(results: Mapping[str, Any], prefix: str | os.PathLike) -> tupl
     return csv_path, json_path
 
 
-def run_evaluation(args: argparse.Namespace) -> dict[str, Any]:
+def run_evaluation(preds: str, lbls: str, hd95: bool = False, hd95_mode: str = "max", output: str | None = None,
+                   dataset_json: str | None = None, predicted_only: bool = False) -> dict[str, Any]:
     """What `evaluate.py` does: evaluate, print the table, write the CSV and JSON.
 
     Args:
-        args: parsed `utils.args.evaluate_parser()` arguments.
+        preds, lbls: folders of predicted and label NIfTI files.
+        hd95, hd95_mode: also the 95th-percentile Hausdorff distance, and which definition.
+        output: path prefix of the CSV and JSON (default: PREDS/evaluation).
+        dataset_json: a dataset.json whose "labels" name the classes.
+        predicted_only: score only the labels that have a prediction.
 
     Returns:
         The results of `evaluate_folder`.
     """
-    class_names = read_dataset_labels(args.dataset_json) if args.dataset_json else None
-    results = evaluate_folder(args.preds, args.lbls, hd95=args.hd95, class_names=class_names,
-                              predicted_only=args.predicted_only, hd95_mode=args.hd95_mode)
-    prefix = args.output if args.output else os.path.join(args.preds, "evaluation")
+    class_names = read_dataset_labels(dataset_json) if dataset_json else None
+    results = evaluate_folder(preds, lbls, hd95=hd95, class_names=class_names, predicted_only=predicted_only,
+                              hd95_mode=hd95_mode)
+    prefix = output if output else os.path.join(preds, "evaluation")
     csv_path, json_path = write_results(results, prefix)
     print(format_table(results))
     print(f"\nmean Dice {results['mean_dice']:.4f}", end="")
-    print(f", mean HD95 {_format(results['mean_hd95'], 2)} mm ({results['hd95_definition']})" if args.hd95 else "")
+    print(f", mean HD95 {_format(results['mean_hd95'], 2)} mm ({results['hd95_definition']})" if hd95 else "")
     if results["prediction_only_labels"]:
         print(f"note: predictions hold label {_join(results['prediction_only_labels'])}, which no label file has")
     print(f"wrote {csv_path} and {json_path}")

@@ -1,12 +1,11 @@
-"""What `main.py` runs: training, evaluation of a checkpoint, prediction and benchmarks.
+"""The modes `main.py` runs: training, evaluation of a checkpoint, prediction.
 
-Each mode takes the typed settings it needs (built from the command line by `utils.args`) and, for tests
-and benchmarks, extra Lightning callbacks.
+Each mode takes the typed settings it needs (built from the command line by `main.py` with `utils.args`)
+and, for tests and benchmarks, extra Lightning callbacks. Benchmark mode is `nnunet.benchmark`.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -16,16 +15,14 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 from data_loading.data_module import DataModule
 from data_loading.raw_images import raw_image_loader
 from data_preprocessing.plans import check_plan_memory, read_config
-from nnunet.benchmark import benchmark
 from nnunet.callbacks import EpochLogger, FiniteLossGuard
 from nnunet.checkpoints import LAST, CheckpointSaver, check_fits, load_weights, model_from_checkpoint, read_checkpoint
 from nnunet.mlperf import MLPerfLogger, MLPerfReport, QualityThreshold
-from nnunet.nn_unet import PREDICTIONS, NNUnet, model_settings
+from nnunet.nn_unet import PREDICTIONS, NNUnet
 from nnunet.preemption import PreemptionCheckpoint, StopPredictionOnSigterm
 from nnunet.trainer import accelerator, build_trainer, precision
-from utils import args as cli
 from utils.errors import UserError
-from utils.io import check_writable, remove_stale_temporaries, removing_new_empty_folders
+from utils.io import check_writable, remove_stale_temporaries
 from utils.settings import (
     DeviceSettings,
     InferenceSettings,
@@ -166,29 +163,3 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
         print(f"predicted {len(cases)} case(s) into {folder}" if writes else
               f"predicted {len(cases)} case(s); nothing written (add --save_preds to write NIfTI labels)")
     return cases
-
-
-def run(args: argparse.Namespace, callbacks: list[pl.Callback] | None = None) -> None:
-    """The mode main.py's arguments ask for, with the settings each needs and extra Lightning `callbacks`.
-
-    A run that fails leaves none of the results folders it created empty.
-    """
-    results = Path(args.results)
-    with removing_new_empty_folders(results / CHECKPOINTS, results / PREDICTIONS):
-        _run(args, callbacks)
-
-
-def _run(args: argparse.Namespace, callbacks: list[pl.Callback] | None) -> None:
-    device, inference, flags = cli.device_settings(args), cli.inference_settings(args), cli.model_flags(args)
-    if args.benchmark:
-        benchmark(cli.benchmark_settings(args), cli.loader_settings(args), device, flags, cli.optim_settings(args),
-                  callbacks)
-    elif args.exec_mode == "train":
-        config = read_config(args.data)
-        model = model_settings(config, args.dim, flags, cli.targets(args), args.focal)
-        train(cli.loader_settings(args), model, cli.optim_settings(args), inference, device,
-              cli.training_settings(args), callbacks)
-    elif args.exec_mode == "evaluate":
-        evaluate(cli.loader_settings(args), args.ckpt_path, flags, inference, device, callbacks)
-    else:
-        predict(cli.loader_settings(args), args.ckpt_path, flags, inference, device, args.input, callbacks)
