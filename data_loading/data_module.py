@@ -26,14 +26,13 @@ import pytorch_lightning as pl
 import torch.distributed as dist
 from sklearn.model_selection import KFold
 
+from data_loading.dali_iterator import DaliLoader, training_length
 from data_loading.dali_loader import (
     PREFETCH_QUEUE_DEPTH,
     Augmentations,
-    DaliLoader,
     Device,
     benchmark_pipeline,
     select_device,
-    training_length,
     training_pipeline,
     volume_pipeline,
 )

@@ -10,15 +10,14 @@ import pytest
 import torch
 
 from data_loading import dali_loader
+from data_loading.dali_iterator import DaliLoader, training_length
 from data_loading.dali_loader import (
     Augmentations,
-    DaliLoader,
     Device,
     benchmark_pipeline,
     case_id_of,
     rotates_in_plane_only,
     select_device,
-    training_length,
     training_pipeline,
     volume_pipeline,
 )

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from data_loading import dali_loader
-from data_loading.dali_loader import Augmentations, DaliLoader, Device, select_device, training_pipeline
+from data_loading.dali_iterator import DaliLoader
+from data_loading.dali_loader import Augmentations, Device, select_device, training_pipeline
 from tests.data_loading.conftest import PATCH, blob_label, indexed_image, write_case
 from tests.data_loading.test_dali_loader import (
     ALIGNMENT_PATCH,
