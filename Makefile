@@ -34,7 +34,7 @@ demo: setup
 	$(BIN)/python preprocess.py --task 00 --dim 3 --data $(DEMO)/raw --results $(DEMO)/data --n_jobs 2 --exec_mode test
 	rm -rf $(DEMO)/results $(DEMO)/validation
 	$(BIN)/python main.py --exec_mode train --data $(DEMO)/data/00_3d --results $(DEMO)/results --gpus 0 --fold 0 \
-		--epochs $(DEMO_EPOCHS) --train_batches 25 --eval_every 3 --filters 16 32 64 128 --learning_rate 3e-3 \
+		--epochs $(DEMO_EPOCHS) --train_batches 25 --eval_every 3 --batch_size 2 --filters 16 32 64 128 --learning_rate 3e-3 \
 		--seed 0 --save_ckpt
 	$(BIN)/python main.py --exec_mode predict --data $(DEMO)/data/00_3d --results $(DEMO)/results --gpus 0 \
 		--ckpt_path $(DEMO)/results/checkpoints/best.ckpt --save_preds --overlay
