@@ -12,6 +12,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 from data_preprocessing.plans import read_config
 from nnunet.benchmark import benchmark
 from nnunet.nn_unet import PREDICTIONS, model_settings
+from nnunet.predictor import predict_package
 from nnunet.preemption import Preempted
 from nnunet.run import CHECKPOINTS, evaluate, predict, train
 from utils import args as cli
@@ -30,6 +31,7 @@ def quiet_lightning() -> None:
 def run(args, callbacks: list[pl.Callback] | None = None) -> None:
     """The mode the arguments ask for, each given the settings it needs; a run that fails leaves none of the
     results folders it created empty."""
+    cli.check_package_flags(args)
     device, inference, flags = cli.device_settings(args), cli.inference_settings(args), cli.model_flags(args)
     loader = cli.loader_settings(args)
     results = Path(args.results)
@@ -42,6 +44,8 @@ def run(args, callbacks: list[pl.Callback] | None = None) -> None:
             train(loader, model, cli.optim_settings(args), inference, device, cli.training_settings(args), callbacks)
         elif args.exec_mode == "evaluate":
             evaluate(loader, args.ckpt_path, flags, inference, device, callbacks)
+        elif args.model:
+            predict_package(args.model, args.input, args.folds, inference, device, args.save_uncertainty)
         else:
             predict(loader, args.ckpt_path, flags, inference, device, args.input, callbacks)
 

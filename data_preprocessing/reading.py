@@ -77,9 +77,12 @@ def read_image(task_dir: Path, case: CaseFiles) -> tuple[nib.Nifti1Image, np.nda
     return first, np.stack(volumes, axis=-1)
 
 
-def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: Iterable[int]) -> LoadedCase:
-    """Read one case and check it; raise PreprocessingError naming the case otherwise."""
-    nifti, data = read_image(task_dir, case)
+def checked_image(data: np.ndarray, case: CaseFiles, n_channels: int) -> np.ndarray:
+    """A case's image voxels, (X, Y, Z) or (X, Y, Z, C) as stored, checked and returned as (C, D, H, W).
+
+    Raises:
+        PreprocessingError: another number of axes or channels than the task's, or NaN or infinite voxels.
+    """
     if data.ndim == 4 and data.shape[3] == 1 and n_channels == 1:
         data = data[..., 0]
     if data.ndim not in (3, 4):
@@ -92,7 +95,13 @@ def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: It
             f"{case.case_id}: image has {channels} channel(s) but the task declares {n_channels} modalities")
     if not np.isfinite(data).all():
         raise PreprocessingError(f"{case.case_id}: image {case.image} contains NaN or infinite voxels")
-    image = np.ascontiguousarray(to_channels_first(data, case.array_order))
+    return np.ascontiguousarray(to_channels_first(data, case.array_order))
+
+
+def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: Iterable[int]) -> LoadedCase:
+    """Read one case and check it; raise PreprocessingError naming the case otherwise."""
+    nifti, data = read_image(task_dir, case)
+    image = checked_image(data, case, n_channels)
     label = None
     if case.label is not None:
         label_nifti, label_data = read_nifti(task_dir / case.label, case.case_id, label=True)

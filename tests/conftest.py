@@ -79,3 +79,26 @@ def trained(synthetic_task: SyntheticTask, tmp_path_factory: pytest.TempPathFact
                       "--learning_rate", "5e-3", "--save_ckpt")
     assert main.main(argv) == 0
     return results
+
+
+@pytest.fixture(scope="session")
+def model_package(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A model package of the `trained` network as two folds (0: best.ckpt; 1: last.ckpt with its weights
+    perturbed, so that the two predict differently whichever epoch was best), with the largest-foreground-component
+    postprocessing. Tests must not modify it; copy it first."""
+    from nnunet.checkpoints import read_checkpoint, stored_settings
+    from nnunet.package import Postprocessing, write_package
+
+    checkpoints = trained / "checkpoints"
+    config, _, _ = stored_settings(read_checkpoint(checkpoints / "best.ckpt"), checkpoints / "best.ckpt")
+    folder = tmp_path_factory.mktemp("package")
+    other = read_checkpoint(checkpoints / "last.ckpt")
+    generator = torch.Generator().manual_seed(0)
+    for tensor in other["state_dict"].values():
+        if tensor.is_floating_point() and tensor.numel() > 1:
+            tensor += 0.3 * tensor.std() * torch.randn(tensor.shape, generator=generator)
+    torch.save(other, folder / "perturbed.ckpt")
+    return write_package(folder / "package", config["task"], config["task_name"], config["labels"], None,
+                         {"3d": (config, {0: checkpoints / "best.ckpt", 1: folder / "perturbed.ckpt"})},
+                         Postprocessing(foreground_largest_component=True), {}, "two folds for the tests",
+                         zip_it=False)

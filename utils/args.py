@@ -10,6 +10,7 @@ import argparse
 import os
 from collections.abc import Sequence
 
+from utils.errors import UserError
 from utils.settings import (
     NETWORK_OVERRIDES,
     BenchmarkSettings,
@@ -206,6 +207,17 @@ def main_parser() -> argparse.ArgumentParser:
     checkpoint.add_argument("--resume_training", action="store_true",
                             help="continue training from --ckpt_path (default: results/checkpoints/last.ckpt)")
 
+    package = parser.add_argument_group(
+        "model package", "Predict raw images (--input) with a model package (scripts/select_model.py): the mean of "
+                         "every fold's probabilities, then the package's postprocessing; labels are always written.")
+    package.add_argument("--model", default=None, help="the model package folder to predict with")
+    package.add_argument("--folds", type=non_negative_int, nargs="+", default=None,
+                         help="with --model: predict with these folds of the package only (default: all of them)")
+    package.add_argument("--save_uncertainty", action="store_true",
+                         help="with --model: also write <case>_entropy.nii.gz (entropy of the ensemble's "
+                              "probabilities, nats) and <case>_disagreement.nii.gz (fraction of the networks whose "
+                              "labels differ from the ensemble's), float32")
+
     bench = parser.add_argument_group("benchmark")
     bench.add_argument("--benchmark", action="store_true", help="time training or prediction steps")
     bench.add_argument("--warmup", type=non_negative_int, default=1,
@@ -280,6 +292,30 @@ def benchmark_settings(args: argparse.Namespace) -> BenchmarkSettings:
         steps=args.train_batches if args.exec_mode == "train" else args.test_batches, batch_size=args.batch_size,
         dim=args.dim, seed=args.seed, task=args.task, ckpt_path=args.ckpt_path, results=args.results,
         logname=args.logname)
+
+
+def check_package_flags(args: argparse.Namespace) -> None:
+    """--model and its flags go together, with --exec_mode predict and --input, without --ckpt_path.
+
+    Raises:
+        UserError: one line naming the flag and the fix.
+    """
+    if args.model is None:
+        for flag, given in (("--folds", args.folds is not None), ("--save_uncertainty", args.save_uncertainty)):
+            if given:
+                raise UserError(f"{flag} needs --model, the model package to predict with")
+        return
+    if args.exec_mode != "predict" or args.benchmark:
+        raise UserError("--model predicts raw images: use it with --exec_mode predict, without --benchmark")
+    if args.ckpt_path:
+        raise UserError("--model and --ckpt_path both name the networks to predict with; give one of them")
+    if not args.input:
+        raise UserError("--model needs --input, the folder (or image file) of raw images to predict")
+    if args.overlay:
+        raise UserError("--overlay is not available with --model; drop it")
+    given = model_flags(args)
+    if given:
+        raise UserError(f"--model takes its networks from the package; drop {', '.join('--' + k for k in given)}")
 
 
 def targets(args: argparse.Namespace) -> str:
