@@ -48,7 +48,7 @@ def sweep(synthetic_task: SyntheticTask, tmp_path_factory: pytest.TempPathFactor
 
 
 def test_sweep_keeps_out_of_fold_probabilities_and_resumes(sweep: Path, synthetic_task: SyntheticTask,
-                                                           tmp_path: Path) -> None:
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     cases = []
     for fold in (0, 1):
         done = json.loads((sweep / f"fold_{fold}" / "done.json").read_text())
@@ -68,6 +68,9 @@ def test_sweep_keeps_out_of_fold_probabilities_and_resumes(sweep: Path, syntheti
     assert [(command[3], command[command.index("--fold") + 1]) for command in runner.commands] == \
         [("train", "1"), ("predict", "1")]
     assert "--resume_training" in runner.commands[0]
+    printed = capsys.readouterr().out
+    assert "fold 0: finished" in printed
+    assert f"predicting the 4 validation cases of fold 1 of {synthetic_task.preprocessed(3)}" in printed
     assert os.stat(results / "fold_0" / "checkpoints" / "last.ckpt").st_mtime_ns == trained_at
     assert (results / "fold_1" / "done.json").is_file()
 
