@@ -4,7 +4,8 @@ shards them across processes, and hands Lightning the DALI loaders of `dali_load
 Folders (docs/data_format.md): `--data` is a preprocessed task folder (`config.json`,
 `<case>_x.npy`, `<case>_y.npy`). Training and evaluation use its labelled cases; prediction reads
 its `test/` subfolder, or, when `--data` is itself a folder of cases below the task (e.g.
-`/data/01_3d/val`), that folder, with `config.json` taken from the task above it.
+`/data/01_3d/val`), that folder, with `config.json` taken from the task above it; with --fold, a task
+folder's own training cases of that fold's validation split, labels included.
 
 Folds: sklearn's KFold with a fixed seed over the sorted case ids, so `--fold k` names the same
 cases in every run whatever `--seed` is; a `splits.json` in the task folder overrides it.
@@ -150,8 +151,11 @@ def split_cases(cases: list[str], nfolds: int, fold: int) -> tuple[list[str], li
     return [cases[i] for i in train_index], [cases[i] for i in val_index]
 
 
-def prediction_folders(data: Path) -> tuple[Path, Path]:
-    """(task folder with config.json, folder of the cases to predict) for --exec_mode predict."""
+def prediction_folders(data: Path, fold_validation: bool = False) -> tuple[Path, Path]:
+    """(task folder with config.json, folder of the cases to predict) for --exec_mode predict; with
+    `fold_validation` a task folder is itself the folder of cases (its training cases, narrowed to a fold)."""
+    if (data / CONFIG).is_file() and fold_validation:
+        return data, data
     if (data / CONFIG).is_file():
         test = data / TEST_FOLDER
         if not test.is_dir():
@@ -201,18 +205,23 @@ class DataModule(pl.LightningDataModule):
         data = Path(settings.data)
         self.predicting = settings.mode == "predict"
         if self.predicting:
-            self.task_dir, self.case_dir = prediction_folders(data)
+            self.task_dir, self.case_dir = prediction_folders(data, settings.predict_fold)
         else:
             self.task_dir = self.case_dir = data
+        # Predicting a fold's validation cases from the task folder: labelled, so that they are scored too.
+        self.fold_validation = self.predicting and self.case_dir == self.task_dir
         self.config = read_config(self.task_dir)
-        labelled = not self.predicting
+        labelled = not self.predicting or self.fold_validation
         cases = find_cases(self.case_dir, labelled=labelled)
         in_channels = self.config.get("in_channels")
         for case in cases:
             check_case(self.case_dir, case, in_channels, labelled)
         if self.predicting:
             self.train_cases, self.val_cases = [], []
-            self.test_cases = self.fold_cases(cases) if self.case_dir.name == VAL_FOLDER else cases
+            if self.fold_validation:
+                self.test_cases = self.split(cases)[1]
+            else:
+                self.test_cases = self.fold_cases(cases) if self.case_dir.name == VAL_FOLDER else cases
         else:
             self.train_cases, self.val_cases = self.split(cases)
             self.test_cases = []
@@ -239,6 +248,16 @@ class DataModule(pl.LightningDataModule):
         if splits.is_file():
             return read_splits(splits, cases, self.settings.fold)
         return split_cases(cases, self.settings.nfolds, self.settings.fold)
+
+    def prediction_description(self) -> str:
+        """Which cases a prediction reads, for its first line."""
+        count, fold = len(self.test_cases), self.settings.fold
+        if self.fold_validation:
+            return f"the {count} validation cases of fold {fold} of {self.task_dir}"
+        if self.case_dir.name == VAL_FOLDER:
+            return f"the {count} cases of {self.case_dir} in the validation split of fold {fold}"
+        kind = "test " if self.case_dir.name == TEST_FOLDER else ""
+        return f"the {count} {kind}cases of {self.case_dir}"
 
     def fold_cases(self, cases: list[str]) -> list[str]:
         """Of the cases in a val/ folder, those in the validation split of --fold (all of them when the
@@ -313,7 +332,7 @@ class DataModule(pl.LightningDataModule):
             raise UserError("test cases are read with --exec_mode predict (from the task's test/ folder)")
         if "test" not in self._loaders:
             self._loaders["test"] = self._benchmark_loader(self.test_shard, False) if self.settings.benchmark \
-                else self._volume_loader(self.test_shard, labelled=False)
+                else self._volume_loader(self.test_shard, labelled=self.fold_validation)
         return self._loaders["test"]
 
     def predict_dataloader(self) -> DaliLoader:

@@ -159,10 +159,11 @@ class NNUnet(pl.LightningModule):
                               blend=self.inference.blend, batch_size=self.inference.batch_size, tta=tta,
                               activation=activation)
 
-    def case_dice(self, output: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
-        """Dice of each class (or region) for one case; output (1, K, ...) logits, label (1, 1, ...)."""
+    def case_dice(self, output: torch.Tensor, label: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
+        """Dice of each class (or region) for one case; output (1, K, ...) logits (or probabilities, with a
+        region `threshold` of 0.5), label (1, 1, ...)."""
         if self.regions:
-            predicted, target = output[0] > 0, labels_to_regions(label, self.regions)[0]
+            predicted, target = output[0] > threshold, labels_to_regions(label, self.regions)[0]
             if self.settings.targets == "brats":  # the edema: whole tumour outside the tumour core
                 predicted = torch.cat([predicted, (predicted[0] & ~predicted[1])[None]])
                 target = torch.cat([target, (label[0] == BRATS_EDEMA)])
@@ -197,14 +198,19 @@ class NNUnet(pl.LightningModule):
         included = [index for index in self.mean_indices if present[index]]
         return included or list(self.mean_indices)
 
-    def on_validation_epoch_end(self) -> None:
+    def reduced_dice(self) -> tuple[torch.Tensor, float, list[int], torch.Tensor]:
+        """(per-class Dice (K,), mean Dice, classes in the mean, totals) over the cases of every process."""
         n_scores = len(self.class_names)
         totals = torch.cat([self.val_dice_sum, self.val_present, self.val_loss_sum[None], self.val_cases[None]])
         totals = self.trainer.strategy.reduce(totals, reduce_op="sum")
         cases = max(float(totals[-1]), 1.0)
         dice = (totals[:n_scores] / cases).float()
         included = self.mean_classes((totals[n_scores:2 * n_scores] > 0).tolist())
-        mean_dice = float(dice[included].mean())
+        return dice, float(dice[included].mean()), included, totals
+
+    def on_validation_epoch_end(self) -> None:
+        dice, mean_dice, included, totals = self.reduced_dice()
+        cases = max(float(totals[-1]), 1.0)
         if self.trainer.state.fn == TrainerFn.FITTING and mean_dice > self.best_dice:
             self.best_dice, self.best_epoch = mean_dice, self.current_epoch
         self.epoch_metrics = {
@@ -229,8 +235,22 @@ class NNUnet(pl.LightningModule):
         case_id = batch["case_id"][0]
         probabilities = self.infer(batch["image"], tta=self.inference.tta, activation=self.activation)[0]
         meta = batch.get("meta") or load_json(Path(self.meta_dir) / f"{case_id}_meta.json")
+        if "label" in batch:  # a fold's validation cases: scored on the preprocessed grid
+            self.val_dice_sum += self.case_dice(probabilities[None], batch["label"], threshold=0.5)
+            self.val_present += self.case_presence(batch["label"])
+            self.val_cases += 1
         self.export(case_id, batch["image"][0], probabilities, meta)
         return case_id
+
+    def on_predict_epoch_start(self) -> None:
+        self.on_validation_epoch_start()
+
+    def on_predict_epoch_end(self) -> None:
+        """With labelled cases, `epoch_metrics` gets their Dice per class, its mean and the case count."""
+        self.epoch_metrics = {}
+        dice, mean_dice, _, totals = self.reduced_dice()
+        if totals[-1] > 0:
+            self.epoch_metrics = {"dice": dice.tolist(), "dice_mean": mean_dice, "cases": int(totals[-1])}
 
     def export(self, case_id: str, image: torch.Tensor, probabilities: torch.Tensor, meta: dict) -> None:
         """Write what the flags ask for: labels (--save_preds), probabilities (--save_probs), an overlay."""

@@ -135,8 +135,9 @@ def format_dice_table(names: list[str], metrics: dict, mean_name: str = "mean") 
 def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inference: InferenceSettings,
             device: DeviceSettings, raw_input: str | None = None,
             callbacks: list[pl.Callback] | None = None) -> list[str]:
-    """Predict the preprocessed cases of `loader.data` (its test/ folder, or a val/ folder), or with `raw_input`
-    the raw NIfTI images of that folder, through Lightning's predict loop; returns the case ids."""
+    """Predict the preprocessed cases of `loader.data` (its test/ folder, a val/ folder, or with
+    `loader.predict_fold` a fold's validation cases, whose Dice is printed), or with `raw_input` the raw NIfTI
+    images of that folder, through Lightning's predict loop; returns the case ids."""
     if not checkpoint:
         raise UserError("--exec_mode predict needs --ckpt_path, the checkpoint to predict with")
     writes = inference.save_preds or inference.save_probs or inference.overlay
@@ -156,10 +157,22 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
         datamodule = DataModule(loader)
         model.meta_dir = str(datamodule.case_dir)
         trainer = build_trainer(device, trainer_callbacks)
+        if trainer.is_global_zero:
+            print(f"predicting {datamodule.prediction_description()}", flush=True)
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
         cases = datamodule.test_cases
     if trainer.is_global_zero:
         folder = Path(inference.results) / PREDICTIONS
+        if model.epoch_metrics:
+            print(format_prediction_dice(model.class_names, model.epoch_metrics))
         print(f"predicted {len(cases)} case(s) into {folder}" if writes else
               f"predicted {len(cases)} case(s); nothing written (add --save_preds to write NIfTI labels)")
     return cases
+
+
+def format_prediction_dice(names: list[str], metrics: dict) -> str:
+    """The Dice of predicted validation cases: per class, then the mean."""
+    rows = [f"{'class':<24} {'Dice':>8}  (against the preprocessed labels)"]
+    rows += [f"D{i + 1} {name:<21} {value:8.4f}" for i, (name, value) in enumerate(zip(names, metrics["dice"]))]
+    rows.append(f"{'mean':<24} {metrics['dice_mean']:8.4f}  ({metrics['cases']} cases)")
+    return "\n".join(rows)

@@ -26,7 +26,8 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True, help="preprocessed task folder or its val/ or test/ folder")
     parser.add_argument("--ckpt_path", required=True, help="checkpoint to predict with")
     parser.add_argument("--results", default="/results", help="predictions go to RESULTS/predictions")
-    parser.add_argument("--fold", type=non_negative_int, default=0, help="fold whose cases a val/ folder gives")
+    parser.add_argument("--fold", type=non_negative_int, default=None,
+                        help="fold whose cases a val/ folder gives; with a task folder, predict its validation cases")
     parser.add_argument("--gpus", type=non_negative_int, default=1, help="GPUs (0: the CPU)")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
     parser.add_argument("--tta", action="store_true", help="test-time augmentation over all flips")
@@ -36,8 +37,10 @@ def parser() -> argparse.ArgumentParser:
 
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "predict", "--data", args.data,
-               "--ckpt_path", args.ckpt_path, "--results", args.results, "--fold", str(args.fold),
+               "--ckpt_path", args.ckpt_path, "--results", args.results,
                "--gpus", str(args.gpus), "--val_batch_size", "4"]
+    if args.fold is not None:
+        command += ["--fold", str(args.fold)]
     command += [flag for flag, on in (("--amp", args.amp), ("--tta", args.tta), ("--save_preds", args.save_preds))
                 if on]
     return command + extra

@@ -110,7 +110,9 @@ def main_parser() -> argparse.ArgumentParser:
 
     data = parser.add_argument_group("data")
     data.add_argument("--nfolds", type=positive_int, default=5, help="number of cross-validation folds")
-    data.add_argument("--fold", type=non_negative_int, default=0, help="fold used for validation")
+    data.add_argument("--fold", type=non_negative_int, default=None,
+                      help="fold used for validation (default 0); predict: with a task folder as --data, predict "
+                           "this fold's validation cases instead of test/")
     data.add_argument("--batch_size", type=positive_int, default=None,
                       help="training batch size per GPU (default: the task plan's batch_size)")
     data.add_argument("--val_batch_size", type=positive_int, default=4,
@@ -256,7 +258,8 @@ def device_settings(args: argparse.Namespace) -> DeviceSettings:
 def loader_settings(args: argparse.Namespace, mode: str | None = None) -> LoaderSettings:
     """The data module's settings; `mode` ("train", "evaluate", "predict") defaults to --exec_mode."""
     return LoaderSettings(
-        data=args.data, mode=mode or args.exec_mode, dim=args.dim, fold=args.fold, nfolds=args.nfolds,
+        data=args.data, mode=mode or args.exec_mode, dim=args.dim, fold=args.fold or 0, nfolds=args.nfolds,
+        predict_fold=args.fold is not None,
         batch_size=args.batch_size, nvol=args.nvol, oversampling=args.oversampling, rotation=not args.no_rotation,
         num_workers=args.num_workers, seed=args.seed, cuda_devices=device_settings(args).cuda_devices,
         benchmark=args.benchmark, warmup=args.warmup, train_batches=args.train_batches,

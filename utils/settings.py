@@ -245,6 +245,8 @@ class LoaderSettings:
             task plan's.
         rotation: rotation and scaling augmentation.
         cuda_devices: GPUs the pipelines may use (0: the CPU pipelines).
+        predict_fold: predict with a task folder as `data`: its validation cases of `fold` (with their labels)
+            rather than its test/ cases.
         benchmark: patches without augmentation, `warmup` + `train_batches` (or `test_batches`) per epoch.
     """
 
@@ -260,6 +262,7 @@ class LoaderSettings:
     num_workers: int = 1
     seed: int | None = None
     cuda_devices: int = 0
+    predict_fold: bool = False
     benchmark: bool = False
     warmup: int = 0
     train_batches: int = 0
