@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+import evaluate as evaluate_py
 import main as main_py
 from nnunet.package import read_package
 from nnunet.selection import decide_postprocessing, ensemble, label_map
@@ -92,6 +93,15 @@ def test_select_writes_the_best_candidate_as_a_package(sweep: Path, synthetic_ta
     assert list(package.configurations) == crossval["candidates"][crossval["winner"]]["members"]
     assert sorted(next(iter(package.configurations.values())).folds) == [0, 1]
     assert (output.with_name("package.zip")).is_file() and "Cross-validation" in (output / "README.md").read_text()
+    # The package predicts raw scans with the ensemble of both folds, and the predictions score.
+    predicted = tmp_path / "predicted"
+    assert main_py.main(["--exec_mode", "predict", "--model", str(output), "--input",
+                         str(synthetic_task.task_dir / "imagesTr"), "--results", str(predicted),
+                         "--num_workers", "2"]) == 0
+    written = sorted(p.name for p in (predicted / "predictions").glob("*.nii.gz"))
+    assert len(written) == len(list((synthetic_task.task_dir / "imagesTr").glob("*.nii.gz")))
+    assert evaluate_py.main(["--preds", str(predicted / "predictions"), "--lbls",
+                             str(synthetic_task.task_dir / "labelsTr")]) == 0
 
 
 def replan(results: Path, fold: int, **changes: object) -> None:
