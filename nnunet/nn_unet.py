@@ -239,8 +239,9 @@ class NNUnet(pl.LightningModule):
         if absent:  # named 1-based, as D1, D2, ... in the log lines
             self.epoch_metrics["dice_absent"] = [index + 1 for index in absent]
         # Every rank holds the same reduced values, so logging needs no further synchronisation.
-        self.log("dice_mean", mean_dice, sync_dist=False)
-        self.log("val_loss", self.epoch_metrics["val_loss"], sync_dist=False)
+        # For the monitors (early stopping, plateau schedule); nnunet.loggers.ExperimentLog feeds the loggers.
+        self.log("dice_mean", mean_dice, sync_dist=False, logger=False)
+        self.log("val_loss", self.epoch_metrics["val_loss"], sync_dist=False, logger=False)
 
     # ------------------------------------------------------------------------------------------
     # Prediction: whole volumes back onto the source images
