@@ -383,4 +383,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
                              "(default: the non-zero values found in the label files)")
     parser.add_argument("--predicted_only", action="store_true",
                         help="score only the labels that have a prediction, e.g. one validation fold of labelsTr")
+    parser.add_argument("--report", action="store_true",
+                        help="also write PREFIX.html: a self-contained page with the sortable table, the "
+                             "distributions per class and the best, median and worst cases")
+    parser.add_argument("--images", default=None,
+                        help="with --report: folder of the images predicted (<case>.nii.gz or <case>_0000.nii.gz), "
+                             "to draw the cases over them")
+    parser.add_argument("--results", default=None,
+                        help="with --report: a training results folder, whose logs.json gives the learning curves")
     return parser
