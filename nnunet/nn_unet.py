@@ -81,6 +81,10 @@ class NNUnet(pl.LightningModule):
         self.regions = task_regions(model.targets, config)
         self.n_outputs = len(self.regions) if self.regions else config["n_class"]
         self.class_names = score_names(model.targets, config)
+        self.label_names = [config["labels"][str(value)] for value in range(1, config["n_class"])]
+        # Set by a callback that draws the first validation case: then validation keeps its overlay inputs.
+        self.keep_overlay_case = False
+        self.overlay_case: dict[str, Any] | None = None
         try:
             self.model = build_network(config["in_channels"], self.n_outputs, model.network)
         except ValueError as error:
@@ -187,6 +191,24 @@ class NNUnet(pl.LightningModule):
         self.val_dice_sum += self.case_dice(logits, label)
         self.val_present += self.case_presence(label)
         self.val_cases += 1
+        validating = self.inference.overlay and self.trainer.state.fn == TrainerFn.VALIDATING
+        if validating or (batch_idx == 0 and self.keep_overlay_case):
+            case = self.overlay_inputs(batch, logits)
+            if batch_idx == 0 and self.keep_overlay_case:
+                self.overlay_case = case
+            if validating:  # --exec_mode evaluate --overlay: the label beside the prediction
+                folder = Path(self.inference.results) / PREDICTIONS
+                folder.mkdir(parents=True, exist_ok=True)
+                write_overlay(folder / f"{case['title']}_overlay.png", **case)
+
+    def overlay_inputs(self, batch: dict[str, Any], logits: torch.Tensor) -> dict[str, Any]:
+        """The `nnunet.overlay.write_overlay` arguments of a validation case: first channel, prediction, label."""
+        probabilities = torch.sigmoid(logits[0]) if self.regions else logits[0]
+        return {"image": batch["image"][0, 0].float().cpu().numpy(),
+                "prediction": to_labels(probabilities, self.regions),
+                "label": batch["label"][0, 0].cpu().numpy(), "class_names": self.label_names,
+                "title": batch.get("case_id", ["validation case"])[0],
+                "spacing": list(self.config["spacing"])[-batch["image"].ndim + 2:]}
 
     def mean_classes(self, present: list[bool]) -> list[int]:
         """The scores averaged into the mean Dice: those of `mean_indices` present in some validation label.
@@ -223,8 +245,9 @@ class NNUnet(pl.LightningModule):
         if absent:  # named 1-based, as D1, D2, ... in the log lines
             self.epoch_metrics["dice_absent"] = [index + 1 for index in absent]
         # Every rank holds the same reduced values, so logging needs no further synchronisation.
-        self.log("dice_mean", mean_dice, sync_dist=False)
-        self.log("val_loss", self.epoch_metrics["val_loss"], sync_dist=False)
+        # For the monitors (early stopping, plateau schedule); nnunet.loggers.ExperimentLog feeds the loggers.
+        self.log("dice_mean", mean_dice, sync_dist=False, logger=False)
+        self.log("val_loss", self.epoch_metrics["val_loss"], sync_dist=False, logger=False)
 
     # ------------------------------------------------------------------------------------------
     # Prediction: whole volumes back onto the source images
@@ -259,7 +282,9 @@ class NNUnet(pl.LightningModule):
             write_prediction(folder, meta, probabilities, self.regions, self.inference.save_probs)
         if self.inference.overlay:
             labels = to_labels(probabilities, self.regions)
-            write_overlay(folder / f"{case_id}_overlay.png", image[0].float().cpu().numpy(), labels, case_id)
+            write_overlay(folder / f"{case_id}_overlay.png", image[0].float().cpu().numpy(), labels,
+                          class_names=self.label_names, title=case_id,
+                          spacing=list(self.config["spacing"])[-image.ndim + 1:])
 
     # ------------------------------------------------------------------------------------------
     # Optimisation

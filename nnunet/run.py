@@ -17,6 +17,7 @@ from data_loading.raw_images import raw_image_loader
 from data_preprocessing.plans import check_plan_memory, read_config
 from nnunet.callbacks import EpochLogger, FiniteLossGuard
 from nnunet.checkpoints import LAST, CheckpointSaver, check_fits, load_weights, model_from_checkpoint, read_checkpoint
+from nnunet.loggers import ExperimentLog, build_loggers
 from nnunet.mlperf import MLPerfLogger, MLPerfReport, QualityThreshold
 from nnunet.nn_unet import PREDICTIONS, NNUnet
 from nnunet.preemption import PreemptionCheckpoint, StopPredictionOnSigterm
@@ -70,6 +71,9 @@ def train(loader: LoaderSettings, model: ModelSettings, optim: OptimSettings, in
         EarlyStopping(monitor="dice_mean", mode="max", patience=training.patience, strict=False,
                       check_on_train_epoch_end=False),
     ]
+    loggers = build_loggers(training.loggers, results, run_name=f"fold_{loader.fold}")
+    if loggers:
+        run_callbacks.insert(2, ExperimentLog(training.params))
     if training.quality_threshold is not None:
         run_callbacks.append(QualityThreshold(training.quality_threshold))
     if training.mlperf_log:
@@ -81,7 +85,7 @@ def train(loader: LoaderSettings, model: ModelSettings, optim: OptimSettings, in
     run_callbacks.append(PreemptionCheckpoint(checkpoints, refresh_at_end=not training.save_ckpt))
     trainer = build_trainer(device, run_callbacks, results=training.results, max_epochs=optim.epochs,
                             check_val_every_n_epoch=optim.eval_every,
-                            gradient_clip_val=training.gradient_clip_val or None)
+                            gradient_clip_val=training.gradient_clip_val or None, logger=loggers or False)
     print_run_summary(device, module, datamodule, training.results, loader.fold)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
                 weights_only=True if resume else None)

@@ -87,6 +87,9 @@ def main_parser() -> argparse.ArgumentParser:
     run.add_argument("--data", default="/data", help="preprocessed task folder, e.g. /data/01_3d")
     run.add_argument("--results", default="/results", help="folder for checkpoints, logs and predictions")
     run.add_argument("--logname", default="logs.json", help="name of the DLLogger-format log in --results")
+    run.add_argument("--logger", nargs="+", choices=["tensorboard", "csv", "mlflow"], default=[],
+                     help="experiment loggers besides the DLLogger log, writing under --results: tensorboard/, "
+                          "csv/metrics.csv, mlruns/ (no server: `mlflow ui --backend-store-uri sqlite:///RESULTS/mlruns/mlflow.db`)")
     run.add_argument("--gpus", type=non_negative_int, default=0,
                      help="GPUs per node (0: run on the CPU); with --accelerator, its devices per node")
     run.add_argument("--accelerator", default=None,
@@ -286,7 +289,7 @@ def training_settings(args: argparse.Namespace) -> TrainingSettings:
         results=args.results, logname=args.logname, patience=args.patience, save_ckpt=args.save_ckpt,
         resume=args.resume_training, ckpt_path=args.ckpt_path, seed=args.seed,
         gradient_clip_val=args.gradient_clip_val, quality_threshold=args.quality_threshold, log_line=args.log_line,
-        mlperf_log=args.mlperf_log, params=dict(vars(args)))
+        mlperf_log=args.mlperf_log, loggers=tuple(args.logger), params=dict(vars(args)))
 
 
 def benchmark_settings(args: argparse.Namespace) -> BenchmarkSettings:
@@ -419,4 +422,12 @@ def evaluate_parser() -> argparse.ArgumentParser:
                              "(default: the non-zero values found in the label files)")
     parser.add_argument("--predicted_only", action="store_true",
                         help="score only the labels that have a prediction, e.g. one validation fold of labelsTr")
+    parser.add_argument("--report", action="store_true",
+                        help="also write PREFIX.html: a self-contained page with the sortable table, the "
+                             "distributions per class and the best, median and worst cases")
+    parser.add_argument("--images", default=None,
+                        help="with --report: folder of the images predicted (<case>.nii.gz or <case>_0000.nii.gz), "
+                             "to draw the cases over them")
+    parser.add_argument("--results", default=None,
+                        help="with --report: a training results folder, whose logs.json gives the learning curves")
     return parser

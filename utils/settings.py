@@ -287,6 +287,7 @@ class TrainingSettings:
     quality_threshold: float | None = None
     log_line: str = "nnunet"
     mlperf_log: str | None = None
+    loggers: tuple[str, ...] = ()  # Lightning experiment loggers: "tensorboard", "csv", "mlflow"
     params: dict = field(default_factory=dict)  # every command-line value, written to params.json
 
 
