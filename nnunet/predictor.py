@@ -43,6 +43,7 @@ from nnunet.checkpoints import read_checkpoint, state_dict_mismatch, stored_sett
 from nnunet.export import place_in_source, source_header, source_image, to_crop_grid, to_labels
 from nnunet.nn_unet import PREDICTIONS, NNUnet
 from nnunet.package import ModelPackage, read_package
+from nnunet.trainer import resolve_device
 from utils.errors import UserError
 from utils.io import atomic_open, check_writable, load_json, save_nifti
 from utils.settings import DeviceSettings, InferenceSettings
@@ -263,20 +264,6 @@ class Predictor:
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with autocast:
             return model.infer(volume, tta=self.tta, activation=self.activation)[0].float()
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """A torch device from a name, checked to exist (CUDA)."""
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise UserError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {device}: no CUDA device is available; predict on the cpu")
-        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
-            raise UserError(f"device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
-    return resolved
 
 
 def device_name(device: DeviceSettings) -> str:

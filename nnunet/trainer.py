@@ -109,3 +109,17 @@ def build_trainer(device: DeviceSettings, callbacks: list[pl.Callback] | None = 
         return pl.Trainer(**{**settings, **options})
     except (MisconfigurationException, ValueError) as error:  # an accelerator unknown or absent here
         raise UserError(f"--accelerator {kind}: {error}") from None
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """A torch device from a name, checked to exist (CUDA)."""
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise UserError(f"device {device!r} is not a device name; use cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {device}: no CUDA device is available; predict on the cpu")
+        if resolved.index is not None and resolved.index >= torch.cuda.device_count():
+            raise UserError(f"device {device}: there are {torch.cuda.device_count()} CUDA device(s)")
+    return resolved
