@@ -37,7 +37,7 @@ def run(args, callbacks: list[pl.Callback] | None = None) -> None:
         if args.benchmark:
             benchmark(cli.benchmark_settings(args), loader, device, flags, cli.optim_settings(args), callbacks)
         elif args.exec_mode == "train":
-            config = read_config(args.data)
+            config = read_config(loader.data)
             model = model_settings(config, args.dim, flags, cli.targets(args), args.focal)
             train(loader, model, cli.optim_settings(args), inference, device, cli.training_settings(args), callbacks)
         elif args.exec_mode == "evaluate":

@@ -1,8 +1,11 @@
 """Train with the recommended settings for a dimension, or a reference recipe; any other main.py flag passes through.
 
-    python scripts/train.py --data /data/01_3d --results /results --gpus 1 --fold 0 --dim 3 --amp
-    python scripts/train.py --data /data/01_2d --results /results --gpus 8 --dim 2 --epochs 300
+    python scripts/train.py --gpus 1 --fold 0 --dim 3 --amp                # /data/01_3d, as the reference
+    python scripts/train.py --task 05 --results /results --gpus 8 --dim 2 --epochs 300   # /data/05_2d
     python scripts/train.py --data /data/kits19_3d --results /results --gpus 1 --recipe mlperf
+
+--data is the data root and --task the preprocessed task in it (DATA/<task>_<dim>d), or --data is one
+preprocessed task folder (then --task is not used).
 
 3D: batch 2 patches, deep supervision. 2D: batch 64 slices drawn from 16 volumes.
 --recipe mlperf: the MLPerf UNet3D reference on KiTS19 (preprocess with --task kits19; its fixed
@@ -41,23 +44,30 @@ MLPERF = ["--batch_size", "2", "--val_batch_size", "4", "--optimizer", "sgd", "-
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="preprocessed task folder, e.g. /data/01_3d")
-    parser.add_argument("--results", default="/results", help="folder for checkpoints and logs")
-    parser.add_argument("--gpus", type=non_negative_int, default=1, help="GPUs (0: the CPU)")
-    parser.add_argument("--fold", type=non_negative_int, default=0, help="validation fold")
-    parser.add_argument("--dim", type=int, choices=[2, 3], default=3, help="2D or 3D network")
+    parser.add_argument("--data", default="/data",
+                        help="data root holding the preprocessed tasks, or one task folder such as /data/01_3d "
+                             "(default: /data)")
+    parser.add_argument("--task", default="01", help="task in --data: DATA/<task>_<dim>d (default: 01)")
+    parser.add_argument("--results", default="/results", help="folder for checkpoints and logs (default: /results)")
+    parser.add_argument("--gpus", type=non_negative_int, default=None,
+                        help="GPUs, 0 runs on the CPU (default: 1 with CUDA, else 0)")
+    parser.add_argument("--fold", type=non_negative_int, default=0, help="validation fold (default: 0)")
+    parser.add_argument("--dim", type=int, choices=[2, 3], default=3, help="2D or 3D network (default: 3)")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
     parser.add_argument("--recipe", choices=["nnunet", "mlperf"], default="nnunet",
-                        help="nnunet: the recommended settings of --dim; mlperf: the MLPerf UNet3D reference (3D)")
-    parser.add_argument("--logname", default="logs.json", help="name of the log file in --results")
+                        help="nnunet: the recommended settings of --dim; mlperf: the MLPerf UNet3D reference (3D) "
+                             "(default: nnunet)")
+    parser.add_argument("--logname", default="logs.json", help="name of the log file in --results (default: logs.json)")
     return parser
 
 
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The main.py command: our flags, the recommended ones, then the user's (which win when repeated)."""
-    command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "train", "--data", args.data,
-               "--results", args.results, "--gpus", str(args.gpus), "--fold", str(args.fold), "--dim", str(args.dim),
-               "--logname", args.logname, "--save_ckpt"]
+    command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "train", "--data", args.data, "--task", args.task,
+               "--results", args.results, "--fold", str(args.fold), "--dim", str(args.dim), "--logname", args.logname,
+               "--save_ckpt"]
+    if args.gpus is not None:
+        command += ["--gpus", str(args.gpus)]
     command += MLPERF if args.recipe == "mlperf" else RECOMMENDED[args.dim]
     if args.amp:
         command.append("--amp")
