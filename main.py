@@ -14,6 +14,7 @@ from nnunet.benchmark import benchmark
 from nnunet.nn_unet import PREDICTIONS, model_settings
 from nnunet.preemption import Preempted
 from nnunet.run import CHECKPOINTS, evaluate, predict, train
+from nnunet.trainer import default_gpus
 from utils import args as cli
 from utils.args import parse_main_args
 from utils.errors import UserError
@@ -49,6 +50,8 @@ def run(args, callbacks: list[pl.Callback] | None = None) -> None:
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Run main.py with `argv`; `callbacks` are extra Lightning callbacks (tests and benchmarks add theirs)."""
     args = parse_main_args(argv)
+    if args.gpus is None:
+        args.gpus = default_gpus()
     quiet_lightning()
     try:
         run(args, callbacks)

@@ -70,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "loader":
         main_args = parse_main_args([*main_flags, *timed_flags(args)])
         from nnunet.benchmark import benchmark_loader  # torch and DALI: only in the mode that uses them
+        from nnunet.trainer import default_gpus
+
+        if main_args.gpus is None:
+            main_args.gpus = default_gpus()
 
         try:
             benchmark_loader(loader_settings(main_args, "train"), main_args.warmup, main_args.train_batches,

@@ -255,15 +255,10 @@ def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # ---------------------------------------------------------------------------------------------
 # main.py's arguments as the settings each package receives
 # ---------------------------------------------------------------------------------------------
-def default_gpus() -> int:
-    """--gpus when not given: 1 with CUDA, else 0 (the CPU)."""
-    import torch  # only when the device is chosen: the wrapper scripts parse flags without torch
-
-    return 1 if torch.cuda.is_available() else 0
-
-
 def device_settings(args: argparse.Namespace) -> DeviceSettings:
-    gpus = default_gpus() if args.gpus is None else args.gpus
+    """The device settings. An unset --gpus (None) is the CPU here: the entry points first set it to its default,
+    1 with CUDA, else 0 (`nnunet.trainer.default_gpus`), where the device is chosen."""
+    gpus = 0 if args.gpus is None else args.gpus
     return DeviceSettings(gpus=gpus, accelerator=args.accelerator, nodes=args.nodes,
                           cpu_processes=args.cpu_processes, amp=args.amp, amp_dtype=args.amp_dtype)
 
@@ -315,7 +310,7 @@ def training_settings(args: argparse.Namespace) -> TrainingSettings:
         results=args.results, logname=args.logname, patience=args.patience, save_ckpt=args.save_ckpt,
         resume=args.resume_training, ckpt_path=args.ckpt_path, seed=args.seed, min_epochs=args.min_epochs,
         gradient_clip_val=args.gradient_clip_val, quality_threshold=args.quality_threshold, log_line=args.log_line,
-        mlperf_log=args.mlperf_log, params={**vars(args), "gpus": device_settings(args).gpus})
+        mlperf_log=args.mlperf_log, params=dict(vars(args)))
 
 
 def benchmark_settings(args: argparse.Namespace) -> BenchmarkSettings:
