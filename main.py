@@ -15,6 +15,7 @@ from nnunet.nn_unet import PREDICTIONS, model_settings
 from nnunet.predictor import predict_package
 from nnunet.preemption import Preempted
 from nnunet.run import CHECKPOINTS, evaluate, predict, train
+from nnunet.trainer import default_gpus
 from utils import args as cli
 from utils.args import parse_main_args
 from utils.errors import UserError
@@ -39,7 +40,7 @@ def run(args, callbacks: list[pl.Callback] | None = None) -> None:
         if args.benchmark:
             benchmark(cli.benchmark_settings(args), loader, device, flags, cli.optim_settings(args), callbacks)
         elif args.exec_mode == "train":
-            config = read_config(args.data)
+            config = read_config(loader.data)
             model = model_settings(config, args.dim, flags, cli.targets(args), args.focal)
             train(loader, model, cli.optim_settings(args), inference, device, cli.training_settings(args), callbacks)
         elif args.exec_mode == "evaluate":
@@ -53,6 +54,8 @@ def run(args, callbacks: list[pl.Callback] | None = None) -> None:
 def main(argv: list[str] | None = None, callbacks: list | None = None) -> int:
     """Run main.py with `argv`; `callbacks` are extra Lightning callbacks (tests and benchmarks add theirs)."""
     args = parse_main_args(argv)
+    if args.gpus is None:
+        args.gpus = default_gpus()
     quiet_lightning()
     try:
         run(args, callbacks)

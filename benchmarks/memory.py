@@ -62,7 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=positive_int, nargs="+", default=[1, 2], help="preprocess.py --n_jobs values")
     parser.add_argument("--epochs", type=non_negative_int, default=10, help="training epochs (0: no training)")
     parser.add_argument("--train_batches", type=positive_int, default=4, help="training steps per epoch")
-    parser.add_argument("--workdir", default=None, help="folder for the data (default: a temporary folder)")
+    parser.add_argument("--workdir", default=None,
+                        help="folder for the data, created if missing (default: a temporary folder)")
     return parser.parse_args(argv)
 
 
@@ -176,6 +177,8 @@ def training_subset(preprocessed: Path, folder: Path, cases: int = 8) -> Path:
 # ---------------------------------------------------------------------------------------------
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.workdir is not None:
+        Path(args.workdir).mkdir(parents=True, exist_ok=True)  # a named --workdir is created, as the help says
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:
         root = Path(tmp)
         start = time.perf_counter()

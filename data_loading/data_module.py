@@ -229,8 +229,10 @@ class DataModule(pl.LightningDataModule):
         self.dim = settings.dim or int(self.config["dim"])
         self.patch_size = network_window(self.config, self.dim)
         self.batch_size = settings.batch_size or int(self.config["batch_size"])
-        if self.dim == 2 and settings.mode == "train" and self.batch_size % settings.nvol:
-            raise UserError(f"the batch size {self.batch_size} must be a multiple of --nvol {settings.nvol} in 2D; "
+        # Without --nvol: 4 volumes per 2D batch, or fewer when 4 does not divide the batch (the plan's may not).
+        self.nvol = settings.nvol or max(n for n in range(1, 5) if self.batch_size % n == 0)
+        if self.dim == 2 and settings.mode == "train" and self.batch_size % self.nvol:
+            raise UserError(f"the batch size {self.batch_size} must be a multiple of --nvol {self.nvol} in 2D; "
                             f"set --batch_size or --nvol")
         self.seed = settings.seed if settings.seed is not None else random.SystemRandom().randrange(2**31)
         self.rank, self.world_size, self.local_rank = 0, 1, 0
@@ -354,7 +356,7 @@ class DataModule(pl.LightningDataModule):
         """
         if self.dim == 3:
             return self.batch_size, list(self.patch_size)
-        volumes = self.batch_size if self.predicting else self.settings.nvol
+        volumes = self.batch_size if self.predicting else self.nvol
         return volumes, [self.batch_size // volumes, *self.patch_size]
 
     def _training_loader(self) -> DaliLoader:

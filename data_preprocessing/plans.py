@@ -28,8 +28,9 @@ from data_preprocessing.network_plan import PLANNERS, check_patch, plan_network
 from utils.errors import UserError
 from utils.io import format_bytes, machine_memory_bytes
 from utils.settings import NetworkPlan
+from utils.task_folders import PLAN_FILE, plan_path, preprocessed_tasks
 
-CONFIG = "config.json"
+CONFIG = PLAN_FILE
 REQUIRED_KEYS = ("dim", "spacing", "patch_size", "normalization", "in_channels", "n_class")
 OPTIONAL_KEYS = ("task", "task_name", "modalities", "labels", "batch_size", "network", "planner", "regions",
                  "pad_mode", "png_masks", "recipe")
@@ -232,11 +233,13 @@ def read_config(data: str | os.PathLike) -> dict:
     data = Path(data)
     if not data.is_dir():
         raise UserError(f"{data} does not exist: point --data at a preprocessed task folder such as /data/01_3d")
-    for folder in (data, data.parent):
-        path = folder / CONFIG
-        if path.is_file():
-            break
-    else:
+    path = plan_path(data)
+    if path is None:
+        found = preprocessed_tasks(data)
+        if found:
+            raise UserError(f"{data} has no {CONFIG} but holds the preprocessed tasks {', '.join(found)}: add "
+                            f"--task and --dim (e.g. --task {found[0].rsplit('_', 1)[0]} --dim {found[0][-2]}), "
+                            f"or point --data at one of them")
         raise UserError(f"{data} has no {CONFIG}: point --data at a task folder written by preprocess.py")
     try:
         config = json.loads(path.read_text())

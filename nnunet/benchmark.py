@@ -267,6 +267,7 @@ def benchmark(bench: BenchmarkSettings, loader: LoaderSettings, device: DeviceSe
     if trainer.is_global_zero:
         print(f"{record['mode']} benchmark ({record['device']} x{record['devices']}, {record['dim']}D patch "
               f"{record['patch_size']}, batch {record['global_batch_size']}, {record['amp_dtype'] or 'fp32'}, "
+              f"data: {source}, "
               f"{record['steps']} steps after {record['warmup']}): {record['throughput']:.2f} img/s, "
               f"{latency_line(record)}{memory_note(record)}", flush=True)
         write_record(record, Path(bench.results), bench.logname)

@@ -76,11 +76,15 @@ class EpochLogger(pl.Callback):
         names: names of the Dice scores (BraTS: the TensorFlow reference's), also logged under these names
             with the mean as `MeanDice`; None: D1, D2, ...
         report: an `MLPerfReport`: evaluated epochs are printed and logged as the MLPerf UNet3D reference does.
+        line_names: names of the Dice scores in the stdout line only (regions: the regions of dataset.json);
+            None: `names`, else D1, D2, ...
     """
 
     def __init__(self, results: str | os.PathLike, logname: str, params: dict[str, Any],
-                 names: list[str] | None = None, report: MLPerfReport | None = None) -> None:
+                 names: list[str] | None = None, report: MLPerfReport | None = None,
+                 line_names: list[str] | None = None) -> None:
         self.results = Path(results)
+        self.line_names = line_names
         self.params = params
         self.names = names
         self.report = report
@@ -108,7 +112,7 @@ class EpochLogger(pl.Callback):
             line = self.report.line(values)
             metrics.update((key, value) for key, value in values.items() if key != "epoch")
         else:
-            line = format_epoch_line(trainer.current_epoch, metrics, self.names,
+            line = format_epoch_line(trainer.current_epoch, metrics, self.names or self.line_names,
                                      "MeanDice" if self.names else "mean_dice")
         bar = trainer.progress_bar_callback
         if bar is not None and hasattr(bar, "print"):

@@ -300,7 +300,8 @@ def evaluate_folder(
             raise EvaluationError(f"none of the predictions in {preds_dir} has a label in {labels_dir}")
     missing = [case_id for case_id in labels if case_id not in preds]
     if missing:
-        raise EvaluationError(f"no prediction in {preds_dir} for {_cases(missing)} of {labels_dir}")
+        raise EvaluationError(f"no prediction in {preds_dir} for {_cases(missing)} of {labels_dir}; add "
+                              f"--predicted_only to score only the labels that have a prediction")
     extra = [case_id for case_id in preds if case_id not in labels]
     if extra:
         raise EvaluationError(f"predictions in {preds_dir} without a label in {labels_dir}: {_cases(extra)}")

@@ -163,6 +163,16 @@ class NNUnet(pl.LightningModule):
                               blend=self.inference.blend, batch_size=self.inference.batch_size, tta=tta,
                               activation=activation)
 
+    def validation_logits(self, image: torch.Tensor) -> torch.Tensor:
+        """(1, C, D, H, W) -> (1, K, D, H, W) logits; with --tta the logits of the flip-averaged probabilities
+        (their log for softmax, their logit for sigmoid), so that the loss and the Dice see the averaged prediction."""
+        if not self.inference.tta:
+            return self.infer(image)
+        probabilities = self.infer(image, tta=True, activation=self.activation).float()
+        if self.activation == "sigmoid":
+            return torch.logit(probabilities, eps=1e-6)
+        return probabilities.clamp_min(1e-8).log()
+
     def case_dice(self, output: torch.Tensor, label: torch.Tensor, threshold: float = 0.0) -> torch.Tensor:
         """Dice of each class (or region) for one case; output (1, K, ...) logits (or probabilities, with a
         region `threshold` of 0.5), label (1, 1, ...)."""
@@ -186,7 +196,7 @@ class NNUnet(pl.LightningModule):
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         image, label = batch["image"], batch["label"]
-        logits = self.infer(image)
+        logits = self.validation_logits(image)
         self.val_loss_sum += self.base_loss(logits, self.targets(label)).detach()
         self.val_dice_sum += self.case_dice(logits, label)
         self.val_present += self.case_presence(label)

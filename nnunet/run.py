@@ -60,13 +60,16 @@ def train(loader: LoaderSettings, model: ModelSettings, optim: OptimSettings, in
         if not resume.is_file():
             raise UserError(f"--resume_training: no checkpoint at {resume}; train without it or pass --ckpt_path")
         # Clear errors for a damaged file or another task or network before Lightning loads it.
-        check_fits(module, read_checkpoint(resume), resume)
+        saved = read_checkpoint(resume)
+        check_fits(module, saved, resume)
+        print_resume(resume, saved)
     elif training.ckpt_path:
         load_weights(module, training.ckpt_path)
     run_callbacks: list[pl.Callback] = [
         FiniteLossGuard(),  # first: an epoch whose loss is not finite is neither logged nor saved
         EpochLogger(results, training.logname, training.params,
                     names=module.class_names if model.targets == "brats" else None,
+                    line_names=module.class_names if model.targets == "regions" else None,
                     report=MLPerfReport() if training.log_line == "mlperf" else None),
         EarlyStopping(monitor="dice_mean", mode="max", patience=training.patience, strict=False,
                       check_on_train_epoch_end=False),
@@ -84,12 +87,23 @@ def train(loader: LoaderSettings, model: ModelSettings, optim: OptimSettings, in
     # Last: an epoch that ends is logged and saved before a pending stop.
     run_callbacks.append(PreemptionCheckpoint(checkpoints, refresh_at_end=not training.save_ckpt))
     trainer = build_trainer(device, run_callbacks, results=training.results, max_epochs=optim.epochs,
-                            check_val_every_n_epoch=optim.eval_every,
+                            min_epochs=training.min_epochs or None, check_val_every_n_epoch=optim.eval_every,
                             gradient_clip_val=training.gradient_clip_val or None, logger=loggers or False)
     print_run_summary(device, module, datamodule, training.results, loader.fold)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume) if resume else None,
                 weights_only=True if resume else None)
     return module
+
+
+@rank_zero_only
+def print_resume(path: Path, checkpoint: dict) -> None:
+    """The first line of a resumed run: the checkpoint and the (0-based) epoch training continues with: the
+    epochs whose training had ended when it was written (an epoch cut short is run again)."""
+    try:
+        epoch = int(checkpoint["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"])
+    except (KeyError, TypeError, ValueError):
+        epoch = int(checkpoint.get("epoch", -1)) + 1
+    print(f"resuming from {path} at epoch {epoch}", flush=True)
 
 
 def check_mlperf_log(path: Path) -> None:
@@ -116,6 +130,10 @@ def evaluate(loader: LoaderSettings, checkpoint: str | None, flags: dict, infere
     """Validate a checkpoint on the fold of `loader`; prints and returns the Dice per class and their mean."""
     if not checkpoint:
         raise UserError("--exec_mode evaluate needs --ckpt_path, the checkpoint to validate")
+    if inference.save_preds or inference.save_probs or inference.overlay:
+        raise UserError(f"--exec_mode evaluate scores fold {loader.fold} and writes no files: to write its "
+                        f"validation predictions, preprocess the cases with preprocess.py --exec_mode val and run "
+                        f"--exec_mode predict --data TASK/val --fold {loader.fold} --save_preds")
     model = model_from_checkpoint(checkpoint, inference, read_config(loader.data), flags)
     trainer = build_trainer(device, callbacks)
     trainer.validate(model, datamodule=DataModule(loader), verbose=False)

@@ -17,6 +17,11 @@ from utils.errors import UserError
 from utils.settings import DeviceSettings
 
 
+def default_gpus() -> int:
+    """--gpus when it is not given: 1 with CUDA, else 0 (the CPU)."""
+    return 1 if torch.cuda.is_available() else 0
+
+
 def accelerator(device: DeviceSettings) -> tuple[str, int]:
     """The Lightning accelerator and its devices per node, checked against the machine.
 

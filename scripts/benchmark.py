@@ -1,13 +1,15 @@
 """Throughput and latency of training, prediction or the training loader.
 
-    python scripts/benchmark.py --mode train --gpus 1 --dim 3 --batch_size 2 --amp --data /data/01_3d
-    python scripts/benchmark.py --mode predict --gpus 1 --dim 3 --batch_size 4 --task 01
+    python scripts/benchmark.py --mode train --gpus 1 --dim 3 --batch_size 2 --amp     # /data/01_3d, as the reference
+    python scripts/benchmark.py --mode predict --gpus 1 --dim 3 --batch_size 4 --task 05 --data /data
     python scripts/benchmark.py --mode loader --dim 3 --batch_size 2 --data /data/01_3d --num_workers 8
 
 train, predict: runs `main.py --benchmark` (printed first, then run as an argument list): --warmup untimed
 steps, then --train_batches (train) or --test_batches (predict) timed ones. As in NVIDIA's reference, the
-warmup is by default as long as the timing: a warmup epoch, or a warmup pass over the batches. --data
-benchmarks a preprocessed task, --task NN random volumes with MSD task NN's plan.
+warmup is by default as long as the timing: a warmup epoch, or a warmup pass over the batches. As in the
+reference, --data is the data root (default /data) and --task the task in it (default 01): DATA/NN_<dim>d is
+benchmarked, or, when no such folder exists, random volumes with MSD task NN's plan (the first line says which).
+--data may also be one preprocessed task folder.
 loader: patches (2D: slices) per second of the training loader of --data, with its augmentations, and the
 batch latency; --train_batches timed batches after --warmup.
 Each mode prints images/s and latency mean and percentiles, and writes them to RESULTS/perf.json.
@@ -44,6 +46,8 @@ def benchmark_parser() -> argparse.ArgumentParser:
                         help=f"timed prediction steps (predict); default {DEFAULT_BATCHES}")
     parser.add_argument("--warmup", type=non_negative_int, default=None,
                         help="untimed steps first (default: as many as the timed ones)")
+    parser.add_argument("--task", default="01", help="task in the data root --data, or the MSD plan of random "
+                                                     "volumes when DATA/<task>_<dim>d does not exist; default 01")
     return parser
 
 
@@ -52,7 +56,7 @@ def timed_flags(args: argparse.Namespace) -> list[str]:
     timed = args.test_batches if args.mode == "predict" else args.train_batches
     warmup = timed if args.warmup is None else args.warmup
     flag = "--test_batches" if args.mode == "predict" else "--train_batches"
-    return [flag, str(timed), "--warmup", str(warmup)]
+    return [flag, str(timed), "--warmup", str(warmup), "--task", args.task]
 
 
 def build_command(args: argparse.Namespace, main_flags: list[str]) -> list[str]:
@@ -66,6 +70,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.mode == "loader":
         main_args = parse_main_args([*main_flags, *timed_flags(args)])
         from nnunet.benchmark import benchmark_loader  # torch and DALI: only in the mode that uses them
+        from nnunet.trainer import default_gpus
+
+        if main_args.gpus is None:
+            main_args.gpus = default_gpus()
 
         try:
             benchmark_loader(loader_settings(main_args, "train"), main_args.warmup, main_args.train_batches,

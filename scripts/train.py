@@ -1,8 +1,11 @@
 """Train with the recommended settings for a dimension, or a reference recipe; any other main.py flag passes through.
 
-    python scripts/train.py --data /data/01_3d --results /results --gpus 1 --fold 0 --dim 3 --amp
-    python scripts/train.py --data /data/01_2d --results /results --gpus 8 --dim 2 --epochs 300
+    python scripts/train.py --gpus 1 --fold 0 --dim 3 --amp                # /data/01_3d, as the reference
+    python scripts/train.py --task 05 --results /results --gpus 8 --dim 2 --epochs 300   # /data/05_2d
     python scripts/train.py --data /data/kits19_3d --results /results --gpus 1 --recipe mlperf
+
+--data is the data root and --task the preprocessed task in it (DATA/<task>_<dim>d), or --data is one
+preprocessed task folder (then --task is not used).
 
 3D: batch 2 patches, deep supervision. 2D: batch 64 slices drawn from 16 volumes.
 --recipe mlperf: the MLPerf UNet3D reference on KiTS19 (preprocess with --task kits19; its fixed
@@ -18,7 +21,7 @@ its best checkpoint into RESULTS/fold_N/validation/predictions/ (labels and prob
 grid, for scripts/select_model.py) and writes RESULTS/fold_N/done.json last. Run again, it skips the folds
 that have done.json and resumes an interrupted one from its checkpoints/last.ckpt.
 
-    python scripts/train.py --data /data/01_3d --results /results/01_3d --gpus 1 --dim 3 --folds all
+    python scripts/train.py --task 01 --results /results/01_3d --gpus 1 --dim 3 --folds all
 """
 
 from __future__ import annotations
@@ -34,8 +37,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from utils.args import main_parser, non_negative_int  # noqa: E402
+from utils.errors import UserError  # noqa: E402
 from utils.io import save_json  # noqa: E402
 from utils.launch import run_printed  # noqa: E402
+from utils.task_folders import task_folder  # noqa: E402
 
 DONE = "done.json"
 VALIDATION = "validation"
@@ -58,15 +63,20 @@ MLPERF = ["--batch_size", "2", "--val_batch_size", "4", "--optimizer", "sgd", "-
 
 def parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, help="preprocessed task folder, e.g. /data/01_3d")
-    parser.add_argument("--results", default="/results", help="folder for checkpoints and logs")
-    parser.add_argument("--gpus", type=non_negative_int, default=1, help="GPUs (0: the CPU)")
-    parser.add_argument("--fold", type=non_negative_int, default=0, help="validation fold")
-    parser.add_argument("--dim", type=int, choices=[2, 3], default=3, help="2D or 3D network")
+    parser.add_argument("--data", default="/data",
+                        help="data root holding the preprocessed tasks, or one task folder such as /data/01_3d "
+                             "(default: /data)")
+    parser.add_argument("--task", default="01", help="task in --data: DATA/<task>_<dim>d (default: 01)")
+    parser.add_argument("--results", default="/results", help="folder for checkpoints and logs (default: /results)")
+    parser.add_argument("--gpus", type=non_negative_int, default=None,
+                        help="GPUs, 0 runs on the CPU (default: 1 with CUDA, else 0)")
+    parser.add_argument("--fold", type=non_negative_int, default=0, help="validation fold (default: 0)")
+    parser.add_argument("--dim", type=int, choices=[2, 3], default=3, help="2D or 3D network (default: 3)")
     parser.add_argument("--amp", action="store_true", help="mixed precision")
     parser.add_argument("--recipe", choices=["nnunet", "mlperf"], default="nnunet",
-                        help="nnunet: the recommended settings of --dim; mlperf: the MLPerf UNet3D reference (3D)")
-    parser.add_argument("--logname", default="logs.json", help="name of the log file in --results")
+                        help="nnunet: the recommended settings of --dim; mlperf: the MLPerf UNet3D reference (3D) "
+                             "(default: nnunet)")
+    parser.add_argument("--logname", default="logs.json", help="name of the log file in --results (default: logs.json)")
     parser.add_argument("--folds", nargs="+", default=None, metavar="K",
                         help="train these folds (or 'all') one after the other into RESULTS/fold_K/, each followed "
                              "by the prediction of its validation cases; finished folds are skipped")
@@ -92,9 +102,10 @@ def prediction_command(args: argparse.Namespace, extra: list[str], fold: int, ch
     given, _ = main_parser().parse_known_args(extra)
     defaults = main_parser().parse_args([])
     command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "predict", "--data", args.data,
-               "--fold", str(fold), "--ckpt_path", str(checkpoint),
-               "--results", str(Path(args.results) / VALIDATION), "--gpus", str(args.gpus),
-               "--save_preds", "--save_probs"]
+               "--task", args.task, "--dim", str(args.dim), "--fold", str(fold), "--ckpt_path", str(checkpoint),
+               "--results", str(Path(args.results) / VALIDATION), "--save_preds", "--save_probs"]
+    if args.gpus is not None:
+        command += ["--gpus", str(args.gpus)]
     if args.amp:
         command.append("--amp")
     for name in PREDICTION_FLAGS:
@@ -109,7 +120,12 @@ def train_folds(args: argparse.Namespace, extra: list[str], runner: Callable[[li
     runs each main.py command and returns its exit status."""
     nfolds = main_parser().parse_known_args(extra)[0].nfolds
     root = Path(args.results)
-    for fold in sweep_folds(args.folds, args.data, nfolds):
+    try:
+        data = task_folder(args.data, args.task, args.dim)
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    for fold in sweep_folds(args.folds, str(data), nfolds):
         results = root / f"fold_{fold}"
         if (results / DONE).is_file():
             print(f"fold {fold}: finished ({results / DONE}), skipped", flush=True)
@@ -131,16 +147,18 @@ def train_folds(args: argparse.Namespace, extra: list[str], runner: Callable[[li
         cases = sorted(path.name[: -len("_probs.npz")] for path in predictions.glob("*_probs.npz"))
         save_json(results / DONE, {"fold": fold, "checkpoint": str(checkpoint.relative_to(results)),
                                    "predictions": str(predictions.relative_to(results)), "cases": cases,
-                                   "data": str(Path(args.data).resolve()),
+                                   "data": str(data.resolve()),
                                    "finished": datetime.datetime.now().isoformat(timespec="seconds")})
     return 0
 
 
 def build_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     """The main.py command: our flags, the recommended ones, then the user's (which win when repeated)."""
-    command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "train", "--data", args.data,
-               "--results", args.results, "--gpus", str(args.gpus), "--fold", str(args.fold), "--dim", str(args.dim),
-               "--logname", args.logname, "--save_ckpt"]
+    command = [sys.executable, str(ROOT / "main.py"), "--exec_mode", "train", "--data", args.data, "--task", args.task,
+               "--results", args.results, "--fold", str(args.fold), "--dim", str(args.dim), "--logname", args.logname,
+               "--save_ckpt"]
+    if args.gpus is not None:
+        command += ["--gpus", str(args.gpus)]
     command += MLPERF if args.recipe == "mlperf" else RECOMMENDED[args.dim]
     if args.amp:
         command.append("--amp")

@@ -11,6 +11,7 @@ import os
 from collections.abc import Sequence
 
 from utils.errors import UserError
+from utils.reference_flags import add_reference_flags, optimizer_name
 from utils.settings import (
     NETWORK_OVERRIDES,
     BenchmarkSettings,
@@ -20,6 +21,7 @@ from utils.settings import (
     OptimSettings,
     TrainingSettings,
 )
+from utils.task_folders import task_folder
 
 
 def positive_int(value: str) -> int:
@@ -69,14 +71,27 @@ def default_workers() -> int:
 
 
 class Formatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows defaults next to each flag's help."""
+    """Shows defaults next to each flag's help, unless the help already says what the default is."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        if "default" in help_text or action.default is None or action.default is False:
+            return help_text
+        return super()._get_help_string(action)
+
+
+class Parser(argparse.ArgumentParser):
+    """Command-line errors in one line that names the flag and where the flags are listed, not the usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # ---------------------------------------------------------------------------------------------
 # main.py
 # ---------------------------------------------------------------------------------------------
 def main_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         description="Train, evaluate, predict or benchmark an nnU-Net on a preprocessed task.",
         formatter_class=Formatter,
     )
@@ -84,14 +99,21 @@ def main_parser() -> argparse.ArgumentParser:
     run = parser.add_argument_group("run")
     run.add_argument("--exec_mode", choices=["train", "evaluate", "predict"], default="train",
                      help="train a model, validate a checkpoint on its fold, or predict test cases")
-    run.add_argument("--data", default="/data", help="preprocessed task folder, e.g. /data/01_3d")
+    run.add_argument("--data", default="/data",
+                     help="the data root holding the preprocessed tasks (with --task), or one preprocessed task "
+                          "folder such as /data/01_3d (default: /data)")
+    run.add_argument("--task", default=None,
+                     help="the task in --data, as preprocess.py named it: --task 01 --dim 3 trains on DATA/01_3d "
+                          "(also 005, kits19, a 2D image set's name); with --benchmark and no such folder, random "
+                          "volumes with MSD task NN's plan (default: --data is the task folder)")
     run.add_argument("--results", default="/results", help="folder for checkpoints, logs and predictions")
     run.add_argument("--logname", default="logs.json", help="name of the DLLogger-format log in --results")
     run.add_argument("--logger", nargs="+", choices=["tensorboard", "csv", "mlflow"], default=[],
                      help="experiment loggers besides the DLLogger log, writing under --results: tensorboard/, "
                           "csv/metrics.csv, mlruns/ (no server: `mlflow ui --backend-store-uri sqlite:///RESULTS/mlruns/mlflow.db`)")
-    run.add_argument("--gpus", type=non_negative_int, default=0,
-                     help="GPUs per node (0: run on the CPU); with --accelerator, its devices per node")
+    run.add_argument("--gpus", type=non_negative_int, default=None,
+                     help="GPUs per node, 0 runs on the CPU; with --accelerator, its devices per node (default: 1 "
+                          "with CUDA, else 0)")
     run.add_argument("--accelerator", default=None,
                      help="a Lightning accelerator (cpu, gpu, mps, xpu, ...); default: gpu with --gpus > 0, else "
                           "cpu. Accelerators other than CUDA and the CPU run in FP32 with the data pipelines on "
@@ -120,8 +142,9 @@ def main_parser() -> argparse.ArgumentParser:
                       help="training batch size per GPU (default: the task plan's batch_size)")
     data.add_argument("--val_batch_size", type=positive_int, default=4,
                       help="patches per forward pass in sliding-window inference")
-    data.add_argument("--nvol", type=positive_int, default=4,
-                      help="2D only: volumes sampled per training batch, each giving batch_size/nvol slices")
+    data.add_argument("--nvol", type=positive_int, default=None,
+                      help="2D only: volumes sampled per training batch, each giving batch_size/nvol slices (default: "
+                           "4, or the largest number below 4 that divides the batch size)")
     data.add_argument("--oversampling", type=probability, default=0.4,
                       help="probability that a training patch holds foreground")
     data.add_argument("--no_rotation", action="store_true",
@@ -156,12 +179,13 @@ def main_parser() -> argparse.ArgumentParser:
 
     optim = parser.add_argument_group("optimisation")
     optim.add_argument("--epochs", type=positive_int, default=1000, help="maximum number of epochs")
-    optim.add_argument("--optimizer", choices=["sgd", "adam", "adamw", "radam"], default="adam")
+    optim.add_argument("--optimizer", type=optimizer_name, choices=["sgd", "adam", "adamw", "radam"], default="adam",
+                       help="optimizer")
     optim.add_argument("--learning_rate", type=positive_float, default=8e-4, help="initial learning rate")
     optim.add_argument("--momentum", type=non_negative_float, default=0.99, help="SGD momentum (Nesterov)")
     optim.add_argument("--weight_decay", type=non_negative_float, default=1e-4, help="weight decay")
     optim.add_argument("--scheduler", choices=["none", "cosine", "poly", "multistep", "plateau"], default="none",
-                       help="learning-rate schedule")
+                       nargs="?", const="cosine", help="learning-rate schedule; a bare --scheduler is cosine")
     optim.add_argument("--lr_warmup_epochs", type=non_negative_int, default=0,
                        help="epochs of linear warmup from --warmup_start_lr before the schedule (any --scheduler "
                             "but plateau)")
@@ -231,22 +255,16 @@ def main_parser() -> argparse.ArgumentParser:
                        help="batches per training epoch (0: the whole training set); timed steps in benchmark")
     bench.add_argument("--test_batches", type=non_negative_int, default=0,
                        help="batches per validation or prediction (0: all); timed steps in benchmark")
-    bench.add_argument("--task", default=None,
-                       help="benchmark on random volumes with the plan of MSD task 01-10 (patch size, spacing, "
-                            "channels, classes) instead of the data at --data")
-
+    add_reference_flags(parser)
     return parser
 
 
 def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = main_parser().parse_args(argv)
-    if args.dim == 2 and args.exec_mode == "train" and args.batch_size and args.batch_size % args.nvol:
+    if args.dim == 2 and args.exec_mode == "train" and args.batch_size and args.nvol and args.batch_size % args.nvol:
         main_parser().error(f"--batch_size {args.batch_size} must be a multiple of --nvol {args.nvol} in 2D")
     if args.amp_dtype is not None and not args.amp:
         main_parser().error(f"--amp_dtype {args.amp_dtype} needs --amp")
-    if args.task is not None and not args.benchmark:
-        main_parser().error("--task needs --benchmark: it times random volumes with a task's plan; "
-                            "without --benchmark the run uses the data at --data")
     return args
 
 
@@ -254,19 +272,39 @@ def parse_main_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 # main.py's arguments as the settings each package receives
 # ---------------------------------------------------------------------------------------------
 def device_settings(args: argparse.Namespace) -> DeviceSettings:
-    return DeviceSettings(gpus=args.gpus, accelerator=args.accelerator, nodes=args.nodes,
+    """The device settings. An unset --gpus (None) is the CPU here: the entry points first set it to its default,
+    1 with CUDA, else 0 (`nnunet.trainer.default_gpus`), where the device is chosen."""
+    gpus = 0 if args.gpus is None else args.gpus
+    return DeviceSettings(gpus=gpus, accelerator=args.accelerator, nodes=args.nodes,
                           cpu_processes=args.cpu_processes, amp=args.amp, amp_dtype=args.amp_dtype)
 
 
 def loader_settings(args: argparse.Namespace, mode: str | None = None) -> LoaderSettings:
-    """The data module's settings; `mode` ("train", "evaluate", "predict") defaults to --exec_mode."""
+    """The data module's settings; `mode` ("train", "evaluate", "predict") defaults to --exec_mode. --data and
+    --task are resolved to the preprocessed task folder here (`data_source`)."""
     return LoaderSettings(
-        data=args.data, mode=mode or args.exec_mode, dim=args.dim, fold=args.fold or 0, nfolds=args.nfolds,
-        predict_fold=args.fold is not None,
+        data=data_source(args)[0], mode=mode or args.exec_mode, dim=args.dim, fold=args.fold or 0,
+        nfolds=args.nfolds, predict_fold=args.fold is not None,
         batch_size=args.batch_size, nvol=args.nvol, oversampling=args.oversampling, rotation=not args.no_rotation,
         num_workers=args.num_workers, seed=args.seed, cuda_devices=device_settings(args).cuda_devices,
         benchmark=args.benchmark, warmup=args.warmup, train_batches=args.train_batches,
         test_batches=args.test_batches)
+
+
+def data_source(args: argparse.Namespace) -> tuple[str, str | None]:
+    """The preprocessed task folder that --data and --task address, and the MSD task whose plan a benchmark
+    draws random volumes with (None: the benchmark reads the folder). With --benchmark, a --task that addresses
+    no preprocessed folder is the random-volume benchmark of that task's plan.
+
+    Raises:
+        UserError: no such task folder (without --benchmark); the message names the folders that exist.
+    """
+    try:
+        return str(task_folder(args.data, args.task, args.dim)), None
+    except UserError:
+        if args.benchmark and args.task is not None:
+            return args.data, args.task
+        raise
 
 
 def optim_settings(args: argparse.Namespace) -> OptimSettings:
@@ -287,7 +325,7 @@ def inference_settings(args: argparse.Namespace) -> InferenceSettings:
 def training_settings(args: argparse.Namespace) -> TrainingSettings:
     return TrainingSettings(
         results=args.results, logname=args.logname, patience=args.patience, save_ckpt=args.save_ckpt,
-        resume=args.resume_training, ckpt_path=args.ckpt_path, seed=args.seed,
+        resume=args.resume_training, ckpt_path=args.ckpt_path, seed=args.seed, min_epochs=args.min_epochs,
         gradient_clip_val=args.gradient_clip_val, quality_threshold=args.quality_threshold, log_line=args.log_line,
         mlperf_log=args.mlperf_log, loggers=tuple(args.logger), params=dict(vars(args)))
 
@@ -296,7 +334,7 @@ def benchmark_settings(args: argparse.Namespace) -> BenchmarkSettings:
     return BenchmarkSettings(
         mode=args.exec_mode, warmup=args.warmup,
         steps=args.train_batches if args.exec_mode == "train" else args.test_batches, batch_size=args.batch_size,
-        dim=args.dim, seed=args.seed, task=args.task, ckpt_path=args.ckpt_path, results=args.results,
+        dim=args.dim, seed=args.seed, task=data_source(args)[1], ckpt_path=args.ckpt_path, results=args.results,
         logname=args.logname)
 
 

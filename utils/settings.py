@@ -256,7 +256,7 @@ class LoaderSettings:
     fold: int = 0
     nfolds: int = 5
     batch_size: int | None = None
-    nvol: int = 4
+    nvol: int | None = 4  # None: 4, or the largest count below it that divides the batch size
     oversampling: float = 0.4
     rotation: bool = True
     num_workers: int = 1
@@ -279,6 +279,7 @@ class TrainingSettings:
     results: str = "/results"
     logname: str = "logs.json"
     patience: int = 100
+    min_epochs: int = 0
     save_ckpt: bool = False
     resume: bool = False
     ckpt_path: str | None = None

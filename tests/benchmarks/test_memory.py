@@ -29,7 +29,7 @@ def test_raw_task_has_the_small_cases_and_the_large_one(tmp_path: Path) -> None:
 
 def test_peaks_per_worker_and_across_epochs(tmp_path: Path, capsys) -> None:
     report = load_benchmark().main(["--cases", "5", "--size", "16", "--big", "40", "36", "30", "--jobs", "1", "2",
-                                    "--epochs", "3", "--train_batches", "1", "--workdir", str(tmp_path)])
+                                    "--epochs", "3", "--train_batches", "1", "--workdir", str(tmp_path / "new")])
     one, two = report["preprocess"]
     # Each process holds at least the libraries (over 50 MiB); one worker's peak is at most the single process's
     # plus slack, as it does the same work on fewer cases.
@@ -39,4 +39,4 @@ def test_peaks_per_worker_and_across_epochs(tmp_path: Path, capsys) -> None:
     assert len(report["training"]) == 3 and all(rss > 0 for rss in report["training"])
     out = capsys.readouterr().out
     assert "largest case: float32 image" in out and "epoch 2 -> epoch 3" in out
-    assert not list(tmp_path.iterdir())  # the temporary data is removed
+    assert not list((tmp_path / "new").iterdir())  # the --workdir is created, the temporary data removed

@@ -177,6 +177,11 @@ def test_loader_shapes_2d(make_task) -> None:
         module(data, "--dim", "2", "--batch_size", "5", "--nvol", "2")
 
 
+def test_2d_volumes_per_batch_default_to_a_divisor_of_the_batch(make_task) -> None:
+    data = make_task(n_cases=6)
+    assert [module(data, "--dim", "2", "--batch_size", size).nvol for size in ("8", "6", "5")] == [4, 3, 1]
+
+
 def test_benchmark_loaders(make_task) -> None:
     data = make_task(n_cases=4, test_cases=2)
     dm = module(data, "--benchmark", "--train_batches", "3", "--warmup", "2", "--nfolds", "2")

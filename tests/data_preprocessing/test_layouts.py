@@ -202,7 +202,7 @@ def test_bad_msd_datasets_fail_with_one_line_naming_the_entry(tmp_path, capsys, 
 # ---------------------------------------------------------------------------------------------
 # Regions: declared in dataset.json, written to config.json, trained with --regions
 # ---------------------------------------------------------------------------------------------
-def test_regions_reach_the_config_from_both_layouts_and_train(synthetic_task, tmp_path):
+def test_regions_reach_the_config_from_both_layouts_and_train(synthetic_task, tmp_path, capsys):
     msd_dataset = json.loads((synthetic_task.task_dir / "dataset.json").read_text())
     # The synthetic task as an nnU-Net v2 dataset whose labels are the regions themselves.
     v2 = tmp_path / "raw" / "Dataset100_Synthetic"
@@ -226,7 +226,10 @@ def test_regions_reach_the_config_from_both_layouts_and_train(synthetic_task, tm
     results = tmp_path / "results"
     argv = train_argv(synthetic_task.preprocessed(3), results, "--regions", "--epochs", "2", "--train_batches", "2",
                       "--learning_rate", "5e-3", "--save_ckpt")
+    capsys.readouterr()
     assert main.main(argv) == 0
+    epoch_line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch    1"))
+    assert all(f"{name} " in epoch_line for name in msd_dataset["regions"]) and "D1 " not in epoch_line
     epochs = epoch_history(results / "logs.json")
     assert sorted(epochs) == [0, 1]
     region_dice = epochs[1]["dice"]  # one Dice per region (sigmoid outputs), not per label

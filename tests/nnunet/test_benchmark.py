@@ -162,10 +162,14 @@ def test_two_processes_report_the_global_batch(tmp_path: Path) -> None:
     assert result.stdout.count("train benchmark (") == 1  # reported by rank 0 only
 
 
-def test_task_without_benchmark_is_refused(capsys) -> None:
-    with pytest.raises(SystemExit) as stop:
-        parse_main_args(["--exec_mode", "train", "--task", "04"])
-    assert stop.value.code == 2 and "--task needs --benchmark" in capsys.readouterr().err
+def test_task_without_a_preprocessed_folder_is_random_volumes_only_with_benchmark(tmp_path) -> None:
+    from utils.args import data_source
+    from utils.errors import UserError
+
+    benchmark = parse_main_args(["--benchmark", "--task", "04", "--data", str(tmp_path)])
+    assert data_source(benchmark) == (str(tmp_path), "04")
+    with pytest.raises(UserError, match="no preprocessed task 04_3d"):
+        data_source(parse_main_args(["--exec_mode", "train", "--task", "04", "--data", str(tmp_path)]))
 
 
 def test_time_batches_times_only_the_batches_after_the_warmup(monkeypatch) -> None:

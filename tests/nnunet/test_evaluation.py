@@ -254,7 +254,7 @@ def make_defect(root: Path, defect: str) -> list[str]:
 @pytest.mark.parametrize(
     "defect, fragments",
     [
-        ("missing_prediction", ["no prediction in", "1 case (case_b)"]),
+        ("missing_prediction", ["no prediction in", "1 case (case_b)", "add --predicted_only"]),
         ("extra_prediction", ["without a label", "case_z"]),
         ("no_cases", ["no cases to evaluate", "labels"]),
         ("shape", ["case_b", "(6, 7, 4)", "(6, 7, 5)"]),
