@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
+import io
 import json
 import math
 import subprocess
@@ -37,9 +39,15 @@ def numpy_dice(pred: np.ndarray, label: np.ndarray, c: int) -> float:
     return 1.0 if total == 0 else 2.0 * np.sum((pred == c) & (label == c)) / total
 
 
-def run_cli(*argv: str | Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, argv)],
-                          capture_output=True, text=True, timeout=120, cwd=REPO)
+def run_cli(*argv: str | Path, process: bool = False) -> subprocess.CompletedProcess:
+    """evaluate.py with `argv`: in this process (fast), or with `process` as its own Python process."""
+    if process:
+        return subprocess.run([sys.executable, str(REPO / "evaluate.py"), *map(str, argv)],
+                              capture_output=True, text=True, timeout=120, cwd=REPO)
+    stdout, stderr = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        code = evaluate.main([str(arg) for arg in argv])
+    return subprocess.CompletedProcess(["evaluate.py", *map(str, argv)], code, stdout.getvalue(), stderr.getvalue())
 
 
 @pytest.fixture
@@ -106,7 +114,7 @@ def test_evaluate_folder_hd95_uses_header_spacing(tmp_path):
 def test_cli_prints_table_and_writes_csv_and_json(task):
     preds, labels, arrays = task
     expected = evaluate_folder(preds, labels, hd95=True)
-    completed = run_cli("--preds", preds, "--lbls", labels, "--hd95")
+    completed = run_cli("--preds", preds, "--lbls", labels, "--hd95", process=True)  # the real entry point
     assert completed.returncode == 0, completed.stderr
     lines = completed.stdout.splitlines()
     assert lines[0] == "Dice"
