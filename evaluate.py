@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Sequence
 
-from nnunet.evaluation import run_evaluation
+from nnunet.evaluation_output import run_evaluation
 from utils.args import evaluate_parser
 from utils.errors import UserError
 

@@ -17,7 +17,8 @@ import numpy as np
 import pytest
 
 import evaluate
-from nnunet.evaluation import EvaluationError, evaluate_folder, read_dataset_labels, write_results
+from nnunet.evaluation import EvaluationError, evaluate_folder, read_dataset_labels
+from nnunet.evaluation_output import write_results
 from utils.io import WriteError
 
 REPO = Path(__file__).resolve().parents[2]
