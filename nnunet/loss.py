@@ -97,7 +97,7 @@ class DeepSupervisionLoss(nn.Module):
     """Weighted sum of a loss over the outputs of a deep-supervised network.
 
     The network in training returns (B, 1 + n, K, *spatial): the full-resolution output first, then the n coarser
-    decoder outputs, which DynUNet has already interpolated to full size. Each head is therefore compared with the
+    decoder outputs, which the network has already interpolated to full size. Each head is therefore compared with the
     full-resolution label; downsampling the label instead would score the heads on a different target than the
     one they are upsampled to. Head i weighs 1 / 2^i, the weights normalised to sum to 1.
 
