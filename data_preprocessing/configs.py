@@ -103,12 +103,3 @@ MSD_CHANNELS: dict[str, int] = {"01": 4, "02": 1, "03": 1, "04": 1, "05": 2, "06
                                 "10": 1}
 MSD_CLASSES: dict[str, int] = {"01": 4, "02": 2, "03": 3, "04": 3, "05": 3, "06": 2, "07": 3, "08": 3, "09": 2,
                                "10": 2}
-
-
-def task_number(task: str) -> str:
-    """'1', '01', 'Task01_BrainTumour' -> '01'; names without a number are returned unchanged."""
-    if task.isdigit():
-        return f"{int(task):02d}"
-    if task.startswith("Task") and task[4:6].isdigit():
-        return task[4:6]
-    return task

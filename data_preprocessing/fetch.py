@@ -23,8 +23,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from data_preprocessing.archive import CHUNK_BYTES, DownloadError, safe_extract, verify_archive
-from data_preprocessing.configs import MSD_TASKS, task_number
+from data_preprocessing.configs import MSD_TASKS
 from utils.errors import UserError
+from utils.task_folders import task_number
 
 MSD_BASE_URL = "https://msd-for-monai.s3-us-west-2.amazonaws.com"
 

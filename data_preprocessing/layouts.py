@@ -35,6 +35,7 @@ from pathlib import Path
 from data_preprocessing import configs
 from utils.errors import UserError
 from utils.io import load_json
+from utils.task_folders import task_number
 
 NIFTI_ENDINGS = (".nii.gz", ".nii")
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})\.nii(\.gz)?$")
@@ -114,7 +115,7 @@ def locate_task(data: str | os.PathLike, task: str) -> Path:
     if (data / task).is_dir():
         return data / task
     if not task.isdigit():
-        number = configs.task_number(task)
+        number = task_number(task)
         if not number.isdigit():
             raise PreprocessingError(f"no folder {task} in {data}; download it or pass --data")
         task = number
@@ -259,7 +260,7 @@ def read_msd(folder: Path, dataset: dict | None = None, dim: int | None = None) 
     labels = _check_labels({str(int(k)): v for k, v in dataset["labels"].items()}, str(path))
     modalities = {str(c): str(dataset["modality"][str(c)]) for c in range(len(dataset["modality"]))}
     return RawTask(
-        root=folder, name=folder.name, key=configs.task_number(folder.name), layout="msd", dim=dim or 3,
+        root=folder, name=folder.name, key=task_number(folder.name), layout="msd", dim=dim or 3,
         modalities=modalities, labels=labels, regions=dataset_regions(dataset, [int(k) for k in labels]),
         training=list_cases(dataset, "training"), test=list_cases(dataset, "test"))
 

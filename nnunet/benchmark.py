@@ -41,6 +41,7 @@ from utils.errors import UserError
 from utils.io import save_json
 from utils.logger import DLLogger, latency_summary, time_batches
 from utils.settings import BenchmarkSettings, DeviceSettings, LoaderSettings, OptimSettings
+from utils.task_folders import task_number
 
 PERF_FILE = "perf.json"
 
@@ -150,7 +151,7 @@ def task_plan(task: str, dim: int) -> dict:
         dim, in_channels, n_class, labels, spacing (mm, (D, H, W)), patch_size ((D, H, W), or (H, W) in 2D),
         batch_size and network (the default preset's for that patch).
     """
-    number = configs.task_number(task)
+    number = task_number(task)
     if number not in configs.MSD_CHANNELS:
         raise UserError(f"--task {task} is not an MSD task with a known plan; use 01 to 10, or benchmark a "
                         f"preprocessed task with --data")
