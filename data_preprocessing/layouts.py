@@ -53,12 +53,15 @@ class CaseFiles:
 
     `array_order` says how the files store the volume: "xyz" is the NIfTI convention (X, Y, Z), transposed
     to (D, H, W) = (Z, Y, X) on reading; "zyx" marks files whose arrays are already slice-first (KiTS19).
+    A DICOM case (`data_preprocessing.dicom`) has `dicom`: per channel, its series' files (absolute paths) in
+    slice order; `image` then holds the series UIDs.
     """
 
     case_id: str
     image: str | tuple[str, ...]  # one file (3D, or 4D with channels last), or one 3D file per channel
     label: str | None
     array_order: str = "xyz"
+    dicom: tuple[tuple[str, ...], ...] | None = None
 
 
 @dataclass

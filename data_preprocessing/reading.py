@@ -1,4 +1,5 @@
-"""Reading a raw case: its NIfTI files checked and turned into (C, D, H, W) arrays with their geometry.
+"""Reading a raw case: its NIfTI files (or DICOM series, `data_preprocessing.dicom`) checked and turned into
+(C, D, H, W) arrays with their geometry.
 
 Every file is opened through `utils.nifti.load_nifti`, which refuses a header that claims more data than the
 file holds before anything is allocated; a problem is one line naming the case and the file.
@@ -100,7 +101,12 @@ def checked_image(data: np.ndarray, case: CaseFiles, n_channels: int) -> np.ndar
 
 def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: Iterable[int]) -> LoadedCase:
     """Read one case and check it; raise PreprocessingError naming the case otherwise."""
-    nifti, data = read_image(task_dir, case)
+    if case.dicom is not None:
+        from data_preprocessing.dicom import read_dicom_case  # SimpleITK only for DICOM input
+
+        nifti, data = read_dicom_case(case)
+    else:
+        nifti, data = read_image(task_dir, case)
     image = checked_image(data, case, n_channels)
     label = None
     if case.label is not None:
@@ -132,7 +138,7 @@ def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: It
 
 def case_meta(case: CaseFiles, loaded: LoadedCase, geometry: dict) -> dict:
     """The metadata that puts a prediction back on the source image (docs/data_format.md)."""
-    return {
+    meta = {
         "case_id": case.case_id,
         "image": case.image,
         "label": case.label,
@@ -142,6 +148,11 @@ def case_meta(case: CaseFiles, loaded: LoadedCase, geometry: dict) -> dict:
         "nifti_header": base64.b64encode(loaded.nifti.header.binaryblock).decode("ascii"),
         **geometry,
     }
+    if case.dicom is not None:
+        from data_preprocessing.dicom import dicom_meta
+
+        meta["dicom"] = dicom_meta(case)
+    return meta
 
 
 def files_outside(root: Path, cases: Iterable[CaseFiles]) -> list[tuple[str, str, Path]]:
