@@ -33,6 +33,7 @@ def run(args, callbacks: list[pl.Callback] | None = None) -> None:
     """The mode the arguments ask for, each given the settings it needs; a run that fails leaves none of the
     results folders it created empty."""
     cli.check_package_flags(args)
+    cli.check_dicom_flags(args)
     device, inference, flags = cli.device_settings(args), cli.inference_settings(args), cli.model_flags(args)
     loader = cli.loader_settings(args)
     results = Path(args.results)

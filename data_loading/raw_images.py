@@ -1,7 +1,8 @@
 """Raw images for prediction: each NIfTI case of a folder read and preprocessed as the task's plan says.
 
 `main.py --exec_mode predict --input DIR` predicts images that were never preprocessed: this dataset
-reads each case (MSD `<case>.nii.gz` with channels last, or nnU-Net v2 `<case>_0000.nii.gz` per channel),
+reads each case (MSD `<case>.nii.gz` with channels last, nnU-Net v2 `<case>_0000.nii.gz` per channel, or DICOM
+series, `data_preprocessing.dicom`),
 crops, resamples and normalises it with `data_preprocessing.preprocessor` exactly as training data was, and
 hands Lightning's predict loop the same batch as the preprocessed test folder does, with the case's
 metadata for writing the prediction back onto the source image.
@@ -9,13 +10,14 @@ metadata for writing the prediction back onto the source image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from data_preprocessing.layouts import image_cases
+from data_preprocessing.dicom import raw_cases
 from data_preprocessing.reading import case_meta, load_case
 from data_preprocessing.transforms import preprocess_arrays
 from utils.errors import UserError
@@ -31,12 +33,13 @@ class RawImages(Dataset):
     Items: {"image": (C, D, H, W) float32 tensor, "case_id": str, "meta": dict (docs/data_format.md)}.
     """
 
-    def __init__(self, folder: str | Path, config: dict) -> None:
+    def __init__(self, folder: str | Path, config: dict, dicom_channels: Sequence[str] = ()) -> None:
         self.folder = Path(folder)
         if not self.folder.is_dir():
-            raise UserError(f"--input {self.folder} is not a folder of NIfTI images")
+            raise UserError(f"--input {self.folder} is not a folder of NIfTI images or DICOM series")
         self.config = config
-        self.cases = image_cases(self.folder, config["in_channels"])
+        self.cases = raw_cases(self.folder, config["in_channels"], dicom_channels,
+                               list(config.get("modalities", {}).values()))
         self.label_values = [int(value) for value in config["labels"]]
 
     def __len__(self) -> int:
@@ -55,6 +58,6 @@ def one_case_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
     return {"image": item["image"][None], "case_id": [item["case_id"]], "meta": item["meta"]}
 
 
-def raw_image_loader(folder: str | Path, config: dict) -> DataLoader:
+def raw_image_loader(folder: str | Path, config: dict, dicom_channels: Sequence[str] = ()) -> DataLoader:
     """One case per batch, in this process (a case is read while none is being predicted)."""
-    return DataLoader(RawImages(folder, config), batch_size=1, collate_fn=one_case_batch)
+    return DataLoader(RawImages(folder, config, dicom_channels), batch_size=1, collate_fn=one_case_batch)

@@ -182,11 +182,14 @@ def check_series(uid: str, entries: list[tuple[Path, pydicom.Dataset]], folder: 
 
 
 def find_series(folder: Path) -> list[DicomSeries]:
-    """Every DICOM series below `folder`, checked (`check_series`); a one-line error when there is none."""
+    """Every DICOM series below `folder`, checked (`check_series`), by SeriesNumber; a one-line error when there is
+    none."""
     headers = read_headers(folder)
     if not headers:
         raise PreprocessingError(f"{folder} holds no NIfTI images and no DICOM series")
-    return [check_series(uid, entries, folder) for uid, entries in sorted(headers.items())]
+    found = [check_series(uid, entries, folder) for uid, entries in sorted(headers.items())]
+    return sorted(found, key=lambda series: (series.number if series.number is not None else -1,
+                                             series.description, series.uid))
 
 
 def same_grid(a: DicomSeries, b: DicomSeries) -> bool:

@@ -71,7 +71,8 @@ def source_image(data: np.ndarray, affine: np.ndarray, header: nib.Nifti1Header)
 
 
 def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch.Tensor,
-                     regions: Sequence[Sequence[int]] | None = None, save_probs: bool = False) -> Path:
+                     regions: Sequence[Sequence[int]] | None = None, save_probs: bool = False,
+                     class_names: Sequence[str] = (), output_format: str = "nifti") -> Path:
     """Write `<case>.nii.gz` (uint8 labels on the source grid), and `<case>_probs.npz` with `save_probs`.
 
     For tasks converted from 2D images (`meta["png_masks"]`), `<case>.png` too: the mask as the source masks
@@ -83,16 +84,24 @@ def write_prediction(folder: str | os.PathLike, meta: dict, probabilities: torch
         probabilities: (K, *meta["shape"]) float probabilities in the preprocessed grid.
         regions: the label values of each region for sigmoid (region) outputs, None for softmax.
         save_probs: also save the probabilities on the source grid, (K, X, Y, Z) float16, compressed.
+        class_names: the names of the foreground label values, for a DICOM SEG.
+        output_format: "nifti", "dicom-seg" (`<case>.dcm` instead, `nnunet.dicom_seg`, DICOM cases) or "both".
 
     Returns:
-        The path of the NIfTI file.
+        The path of the NIfTI file (of the DICOM SEG without one).
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     on_crop = to_crop_grid(probabilities, meta)
     labels = place_in_source(to_labels(on_crop, regions), meta)
     path = folder / f"{meta['case_id']}.nii.gz"
-    save_nifti(path, source_image(labels, np.array(meta["affine"]), source_header(meta)))
+    if output_format != "dicom-seg":
+        save_nifti(path, source_image(labels, np.array(meta["affine"]), source_header(meta)))
+    if output_format != "nifti":
+        from nnunet.dicom_seg import write_dicom_seg  # highdicom only for DICOM SEG output
+
+        seg_path = write_dicom_seg(folder, meta["case_id"], labels, meta, class_names)
+        path = seg_path if output_format == "dicom-seg" else path
     if meta.get("png_masks"):  # a task converted from 2D PNG/TIFF masks: also a mask in that form
         from data_preprocessing.images2d import write_mask_png  # Pillow only for 2D image tasks
 

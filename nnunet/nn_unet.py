@@ -289,7 +289,8 @@ class NNUnet(pl.LightningModule):
         """Write what the flags ask for: labels (--save_preds), probabilities (--save_probs), an overlay."""
         folder = Path(self.inference.results) / PREDICTIONS
         if self.inference.save_preds or self.inference.save_probs:
-            write_prediction(folder, meta, probabilities, self.regions, self.inference.save_probs)
+            write_prediction(folder, meta, probabilities, self.regions, self.inference.save_probs, self.label_names,
+                             self.inference.output_format)
         if self.inference.overlay:
             labels = to_labels(probabilities, self.regions)
             write_overlay(folder / f"{case_id}_overlay.png", image[0].float().cpu().numpy(), labels,

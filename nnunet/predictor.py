@@ -35,7 +35,8 @@ import nibabel as nib
 import numpy as np
 import torch
 
-from data_preprocessing.layouts import CHANNEL_FILE, CaseFiles, case_id_of, image_cases
+from data_preprocessing.dicom import check_output_format, raw_cases
+from data_preprocessing.layouts import CHANNEL_FILE, CaseFiles, case_id_of
 from data_preprocessing.reading import LoadedCase, case_meta, checked_image, load_case, spacing_dhw
 from data_preprocessing.transforms import preprocess_arrays
 from nnunet import postprocessing
@@ -71,6 +72,7 @@ class Prediction:
         entropy: (X, Y, Z) float32, entropy of `probabilities` in nats, or None.
         disagreement: (X, Y, Z) float32 in [0, 1], the fraction of members whose labels differ from the ensemble's
             (before postprocessing), or None.
+        dicom: for a DICOM case, its metadata's "dicom" entry (the source files a DICOM SEG references), or None.
     """
 
     case_id: str
@@ -80,6 +82,7 @@ class Prediction:
     probabilities: np.ndarray | None = None
     entropy: np.ndarray | None = None
     disagreement: np.ndarray | None = None
+    dicom: dict | None = None
 
 
 class Predictor:
@@ -148,15 +151,21 @@ class Predictor:
     # ------------------------------------------------------------------------------------------
     # Inputs
     # ------------------------------------------------------------------------------------------
-    def input_cases(self, inputs: str | os.PathLike | Sequence[str | os.PathLike]) -> tuple[Path, list[CaseFiles]]:
+    def input_cases(self, inputs: str | os.PathLike | Sequence[str | os.PathLike],
+                    dicom_channels: Sequence[str] = ()) -> tuple[Path, list[CaseFiles]]:
         """The cases of a folder, of one image file or of a list of them (MSD `<case>.nii.gz`, 3D or 4D with
-        channels last, or nnU-Net v2 `<case>_0000.nii.gz`, one file per channel); (folder, cases) for `load_case`.
+        channels last, or nnU-Net v2 `<case>_0000.nii.gz`, one file per channel), or of a folder of DICOM series
+        (`data_preprocessing.dicom`, with `dicom_channels` the SeriesDescription of each channel); (folder, cases)
+        for `load_case`.
         """
         if isinstance(inputs, str | os.PathLike):
             path = Path(inputs)
             if path.is_dir():
-                return path, image_cases(path, self.in_channels)
+                names = list(self.members[0].model.config.get("modalities", {}).values())
+                return path, raw_cases(path, self.in_channels, dicom_channels, names)
             inputs = [path]
+        if dicom_channels:
+            raise UserError("--dicom_channels needs --input to be a folder of DICOM series")
         return Path("/"), file_cases([Path(p) for p in inputs], self.in_channels)
 
     def predict(self, inputs: str | os.PathLike | Sequence[str | os.PathLike], probabilities: bool = False,
@@ -247,7 +256,7 @@ class Predictor:
         labels = postprocessing.apply(ensemble, processing.foreground_largest_component,
                                       processing.largest_component_labels)
         prediction = Prediction(case.case_id, place_in_source(labels, reference), np.array(reference["affine"]),
-                                source_header(reference))
+                                source_header(reference), dicom=reference.get("dicom"))
         if probabilities:
             # Outside the crop box: background for softmax outputs, no region for sigmoid ones.
             outside = np.zeros(total.shape[0])
@@ -344,14 +353,23 @@ def disagreement(member_labels: list[np.ndarray], ensemble: np.ndarray) -> np.nd
     return differing / max(len(member_labels), 1)
 
 
-def write_prediction_files(prediction: Prediction, folder: str | os.PathLike) -> Path:
+def write_prediction_files(prediction: Prediction, folder: str | os.PathLike, class_names: Sequence[str] = (),
+                           output_format: str = "nifti") -> Path:
     """Write `<case>.nii.gz` (uint8 labels with the source's affine and header) and what the prediction holds:
     `<case>_probs.npz` (float16, as `nnunet.export.write_prediction`), `<case>_entropy.nii.gz` and
-    `<case>_disagreement.nii.gz` (float32). Returns the labels' path."""
+    `<case>_disagreement.nii.gz` (float32). With `output_format` "dicom-seg" the labels are a DICOM SEG
+    `<case>.dcm` instead (`nnunet.dicom_seg`, named `class_names`), with "both" as well. Returns the labels' path."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{prediction.case_id}.nii.gz"
-    save_nifti(path, source_image(prediction.labels, prediction.affine, prediction.header))
+    if output_format != "dicom-seg":
+        save_nifti(path, source_image(prediction.labels, prediction.affine, prediction.header))
+    if output_format != "nifti":
+        from nnunet.dicom_seg import write_dicom_seg  # highdicom only for DICOM SEG output
+
+        seg_path = write_dicom_seg(folder, prediction.case_id, prediction.labels, {"dicom": prediction.dicom},
+                                   class_names)
+        path = seg_path if output_format == "dicom-seg" else path
     if prediction.probabilities is not None:
         with atomic_open(folder / f"{prediction.case_id}_probs.npz", "wb") as handle:
             np.savez_compressed(handle, probabilities=prediction.probabilities)
@@ -374,11 +392,13 @@ def predict_package(package: str, inputs: str, folds: Sequence[int] | None, infe
     predictor = Predictor.from_package(package, folds, device_name(device), tta=inference.tta,
                                        overlap=inference.overlap, blend=inference.blend,
                                        batch_size=inference.batch_size, amp=device.amp, amp_dtype=device.amp_dtype)
-    folder, cases = predictor.input_cases(inputs)
+    folder, cases = predictor.input_cases(inputs, inference.dicom_channels)
+    check_output_format(inference.output_format, cases)
     output = Path(inference.results) / PREDICTIONS
     check_writable(output)
+    names = predictor.members[0].model.label_names
     for prediction in predictor.predict_cases(folder, cases, inference.save_probs, save_uncertainty):
-        write_prediction_files(prediction, output)
+        write_prediction_files(prediction, output, names, inference.output_format)
     print(f"predicted {len(cases)} case(s) with the mean of {len(predictor.members)} network(s) "
           f"({predictor.describe()}) into {output}")
     return [case.case_id for case in cases]

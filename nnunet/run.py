@@ -14,6 +14,7 @@ from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
 from data_loading.data_module import DataModule
 from data_loading.raw_images import raw_image_loader
+from data_preprocessing.dicom import check_output_format
 from data_preprocessing.plans import check_plan_memory, read_config
 from nnunet.callbacks import EpochLogger, FiniteLossGuard
 from nnunet.checkpoints import LAST, CheckpointSaver, check_fits, load_weights, model_from_checkpoint, read_checkpoint
@@ -170,7 +171,8 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
         model = model_from_checkpoint(checkpoint, inference, None, flags)
         if accelerator(device)[1] * device.nodes > 1:
             raise UserError("--input predicts in one process: use one device (--gpus 1 or 0, --cpu_processes 1)")
-        images = raw_image_loader(raw_input, model.config)
+        images = raw_image_loader(raw_input, model.config, inference.dicom_channels)
+        check_output_format(inference.output_format, images.dataset.cases)
         trainer = build_trainer(device, trainer_callbacks)
         trainer.predict(model, dataloaders=images, return_predictions=False)
         cases = [case.case_id for case in images.dataset.cases]

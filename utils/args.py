@@ -226,7 +226,15 @@ def main_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--overlay", action="store_true",
                             help="write a PNG per case with the prediction's contours over the image")
     evaluation.add_argument("--input", default=None,
-                            help="predict a folder of raw NIfTI images, preprocessing them on the fly")
+                            help="predict a folder of raw NIfTI images, or of DICOM series (one series per subfolder "
+                                 "or mixed), preprocessing them on the fly")
+    evaluation.add_argument("--output_format", choices=["nifti", "dicom-seg", "both"], default="nifti",
+                            help="predict: write labels as <case>.nii.gz, as a DICOM SEG <case>.dcm referencing the "
+                                 "source series (DICOM --input only), or both; dicom-seg and both imply --save_preds")
+    evaluation.add_argument("--dicom_channels", nargs="+", default=None, metavar="NAME",
+                            help="DICOM --input: the series of each channel, one name per channel, matched per study "
+                                 "against SeriesDescription (contains the name, ignoring case; an exact match wins); "
+                                 "default for several channels: the task's channel names")
 
     checkpoint = parser.add_argument_group("checkpoints")
     checkpoint.add_argument("--save_ckpt", action="store_true",
@@ -318,8 +326,9 @@ def optim_settings(args: argparse.Namespace) -> OptimSettings:
 
 def inference_settings(args: argparse.Namespace) -> InferenceSettings:
     return InferenceSettings(overlap=args.overlap, blend=args.blend, batch_size=args.val_batch_size, tta=args.tta,
-                             save_preds=args.save_preds, save_probs=args.save_probs, overlay=args.overlay,
-                             results=args.results)
+                             save_preds=args.save_preds or args.output_format != "nifti", save_probs=args.save_probs,
+                             overlay=args.overlay, results=args.results, output_format=args.output_format,
+                             dicom_channels=tuple(args.dicom_channels or ()))
 
 
 def training_settings(args: argparse.Namespace) -> TrainingSettings:
@@ -360,6 +369,18 @@ def check_package_flags(args: argparse.Namespace) -> None:
     given = model_flags(args)
     if given:
         raise UserError(f"--model takes its networks from the package; drop {', '.join('--' + k for k in given)}")
+
+
+def check_dicom_flags(args: argparse.Namespace) -> None:
+    """--output_format dicom-seg/both and --dicom_channels belong to --exec_mode predict with --input.
+
+    Raises:
+        UserError: one line naming the flag and the fix.
+    """
+    given = [flag for flag, value in (("--output_format " + args.output_format, args.output_format != "nifti"),
+                                      ("--dicom_channels", args.dicom_channels is not None)) if value]
+    if given and (args.exec_mode != "predict" or args.benchmark or not args.input):
+        raise UserError(f"{given[0]} needs --exec_mode predict with --input, a folder of DICOM series")
 
 
 def targets(args: argparse.Namespace) -> str:

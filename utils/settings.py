@@ -208,6 +208,8 @@ class InferenceSettings:
     save_probs: bool = False
     overlay: bool = False
     results: str = "/results"
+    output_format: str = "nifti"  # labels as "nifti", "dicom-seg" (DICOM input only) or "both"
+    dicom_channels: tuple[str, ...] = ()  # the SeriesDescription of each channel of DICOM input
 
 
 @dataclass(frozen=True)

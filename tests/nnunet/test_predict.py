@@ -66,7 +66,7 @@ def test_without_save_flags_nothing_is_written(trained, synthetic_task, tmp_path
 @pytest.mark.parametrize("problem, message", [
     ("one channel", "has 1 channel(s) but the task declares 2"),
     ("no checkpoint", "needs --ckpt_path"),
-    ("empty folder", "holds no .nii.gz images"),
+    ("empty folder", "holds no NIfTI images and no DICOM series"),
 ])
 def test_bad_prediction_inputs(trained, synthetic_task, tmp_path, capsys, problem, message):
     folder = tmp_path / "input"

@@ -1,0 +1,145 @@
+"""DICOM in, DICOM SEG out: `main.py --exec_mode predict --input DICOM_DIR --output_format ...` with a checkpoint
+and with a model package, compared voxel for voxel with the prediction of NIfTI files of the same volumes."""
+
+import re
+import shutil
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+
+import main
+from tests.factories import DicomGeometry, dicom_stored, save_nifti, write_dicom_series
+
+SLOPE, INTERCEPT = 0.25, -1024.0
+LABEL_NAMES = ["edema", "necrosis", "enhancing tumour"]  # the synthetic task's foreground labels
+
+
+def checkpoint_argv(trained, results, *extra):
+    return ["--exec_mode", "predict", "--results", str(results), "--num_workers", "2",
+            "--ckpt_path", str(trained / "checkpoints" / "best.ckpt"), *extra]
+
+
+def package_argv(package, raw, results, *extra):
+    return ["--exec_mode", "predict", "--model", str(package), "--input", str(raw), "--results", str(results),
+            *extra]
+
+
+@pytest.fixture(scope="module")
+def scans(synthetic_task, tmp_path_factory):
+    """A synthetic test image (two channels) as two DICOM studies, one axial with a subfolder per series, one
+    oblique with both series' files mixed in one folder, beside NIfTI files of the same values and geometry.
+
+    Returns (dicom folder, nifti folder, {case: geometry}).
+    """
+    source = nib.load(str(synthetic_task.task_dir / "imagesTs" / "synthetic_009.nii.gz"))
+    image = source.get_fdata(dtype=np.float32)  # (X, Y, Z, 2): FLAIR, T1Gd
+    zooms = [float(z) for z in source.header.get_zooms()[:3]]
+    root = tmp_path_factory.mktemp("dicom")
+    geometries = {
+        "axial": DicomGeometry(pixel_spacing=(zooms[1], zooms[0]), slice_step=zooms[2]),
+        "oblique": DicomGeometry.oblique(25.0, origin=(4.0, -7.5, 60.0), pixel_spacing=(zooms[1], zooms[0]),
+                                         slice_step=zooms[2]),
+    }
+    for case_id, geometry in geometries.items():
+        study_uid = pydicom.uid.generate_uid()
+        for channel, description in enumerate(["AX FLAIR", "AX T1 Gd post"]):
+            folder = root / "dicom" / case_id / (description.replace(" ", "_") if case_id == "axial" else "")
+            write_dicom_series(folder, image[..., channel], geometry, description=description,
+                               series_number=channel + 2, study_uid=study_uid, slope=SLOPE, intercept=INTERCEPT,
+                               seed=channel)
+        (root / "nifti").mkdir(exist_ok=True)
+        values = dicom_stored(image, SLOPE, INTERCEPT) * np.float32(SLOPE) + np.float32(INTERCEPT)
+        save_nifti(root / "nifti" / f"{case_id}.nii.gz", values.astype(np.float32), geometry.ras_affine())
+    return root / "dicom", root / "nifti", geometries
+
+
+def source_frames(folder):
+    """The SOP instance UIDs of the FLAIR series of a study folder, sorted along the slice normal, read here."""
+    headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in folder.rglob("*") if path.is_file()]
+    headers = [h for h in headers if "FLAIR" in h.SeriesDescription]
+    normal = np.cross(np.array(headers[0].ImageOrientationPatient[:3], dtype=float),
+                      np.array(headers[0].ImageOrientationPatient[3:], dtype=float))
+    headers.sort(key=lambda h: float(np.dot(np.array(h.ImagePositionPatient, dtype=float), normal)))
+    return headers
+
+
+def seg_labels(path, sources):
+    """A DICOM SEG's segments as (X, Y, Z) label values, on the frames of `sources` (slice order)."""
+    segmentation = hd.seg.segread(path)
+    frames = segmentation.get_pixels_by_source_instance([str(h.SOPInstanceUID) for h in sources],
+                                                        combine_segments=True, assert_missing_frames_are_empty=True)
+    return segmentation, frames.transpose(2, 1, 0)
+
+
+def test_dicom_input_predicts_as_nifti_and_writes_a_seg_on_the_source_frames(trained, scans, tmp_path, capsys):
+    dicom, nifti, geometries = scans
+    assert main.main(checkpoint_argv(trained, tmp_path / "nifti", "--input", str(nifti), "--save_preds")) == 0
+    assert main.main(checkpoint_argv(trained, tmp_path / "dicom", "--input", str(dicom), "--output_format", "both",
+                                     "--dicom_channels", "flair", "t1 gd")) == 0
+    compared = 0
+    for case_id, geometry in geometries.items():
+        expected = nib.load(str(tmp_path / "nifti" / "predictions" / f"{case_id}.nii.gz"))
+        written = nib.load(str(tmp_path / "dicom" / "predictions" / f"{case_id}.nii.gz"))
+        reference = np.asanyarray(expected.dataobj)
+        assert reference.max() > 0, "the network should find some tumour"
+        np.testing.assert_array_equal(np.asanyarray(written.dataobj), reference)
+        np.testing.assert_allclose(written.affine, expected.affine, atol=1e-4)
+        np.testing.assert_allclose(written.affine, geometry.ras_affine(), atol=1e-4)
+        sources = source_frames(dicom / case_id)
+        segmentation, labels = seg_labels(tmp_path / "dicom" / "predictions" / f"{case_id}.dcm", sources)
+        np.testing.assert_array_equal(labels, reference)
+        compared += labels.size
+        assert segmentation.SegmentationType == "BINARY"
+        assert [s.SegmentLabel for s in segmentation.SegmentSequence] == LABEL_NAMES
+        assert {s.SegmentAlgorithmType for s in segmentation.SegmentSequence} == {"AUTOMATIC"}
+        algorithm = segmentation.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert "nnU-Net" in algorithm.AlgorithmName
+        assert segmentation.ReferencedSeriesSequence[0].SeriesInstanceUID == sources[0].SeriesInstanceUID
+        assert segmentation.FrameOfReferenceUID == sources[0].FrameOfReferenceUID
+        assert segmentation.StudyInstanceUID == sources[0].StudyInstanceUID
+    assert compared == 2 * 34 * 28 * 12
+    assert not list((tmp_path / "dicom" / "predictions").glob(".*"))  # no temporary file left
+
+
+def test_a_model_package_writes_only_the_seg_with_dicom_seg(model_package, scans, tmp_path):
+    dicom, nifti, _ = scans
+    assert main.main(package_argv(model_package, nifti, tmp_path / "nifti")) == 0
+    # The task's channel names (FLAIR, T1Gd) are the default mapping: "T1Gd" is in no description here.
+    assert main.main(package_argv(model_package, dicom, tmp_path / "dicom", "--output_format", "dicom-seg")) == 1
+    assert main.main(package_argv(model_package, dicom, tmp_path / "dicom", "--output_format", "dicom-seg",
+                                  "--dicom_channels", "FLAIR", "T1 Gd")) == 0
+    written = sorted(path.name for path in (tmp_path / "dicom" / "predictions").iterdir())
+    assert written == ["axial.dcm", "oblique.dcm"]
+    for case_id in ("axial", "oblique"):
+        reference = np.asanyarray(nib.load(str(tmp_path / "nifti" / "predictions" / f"{case_id}.nii.gz")).dataobj)
+        _, labels = seg_labels(tmp_path / "dicom" / "predictions" / f"{case_id}.dcm", source_frames(dicom / case_id))
+        np.testing.assert_array_equal(labels, reference)
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("nifti_input", r"--output_format dicom-seg writes DICOM SEG, which references DICOM series, but case axial is "
+                    r"not DICOM; use --output_format nifti"),
+    ("preprocessed", r"--output_format dicom-seg needs --exec_mode predict with --input, a folder of DICOM series"),
+    ("missing_slice", r"series 2 'AX FLAIR' \(.*\) is missing slices"),
+    ("no_channel", r"study .*: no series matches channel 'T2w'"),
+])
+def test_bad_dicom_requests_are_one_line_before_any_prediction(trained, scans, synthetic_task, tmp_path, capsys,
+                                                               problem, message):
+    dicom, nifti, _ = scans
+    extra = ["--input", str(nifti), "--output_format", "dicom-seg"]
+    if problem == "preprocessed":
+        extra = ["--data", str(synthetic_task.preprocessed(3)), "--output_format", "dicom-seg"]
+    elif problem == "missing_slice":
+        copy = shutil.copytree(dicom / "axial", tmp_path / "input" / "axial")
+        sorted((copy / "AX_FLAIR").iterdir(), key=lambda p: int(pydicom.dcmread(p).InstanceNumber))[5].unlink()
+        extra = ["--input", str(tmp_path / "input"), "--dicom_channels", "flair", "gd"]
+    elif problem == "no_channel":
+        extra = ["--input", str(dicom), "--dicom_channels", "flair", "T2w"]
+    assert main.main(checkpoint_argv(trained, tmp_path / "out", *extra)) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ")
+    assert re.search(message, err[0]), err[0]
+    assert not (tmp_path / "out" / "predictions").exists()
