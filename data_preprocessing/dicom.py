@@ -13,7 +13,8 @@ LPS: the first two rows change sign). Predictions of such a case are written bac
 
 Cases:
 
-* a task with one channel: every series is a case;
+* a task with one channel: every series is a case (or, with one `--dicom_channels` name, the series it matches in
+  each study);
 * a task with several channels, or whenever channel names are given (`--dicom_channels`): the series of one
   study (StudyInstanceUID) make a case, one series per channel, found by their SeriesDescription: a channel name
   matches a description that contains it, ignoring case; when several series of a study match, the one whose
@@ -129,6 +130,18 @@ def _floats(header: pydicom.Dataset, keyword: str, count: int, where: str) -> np
     return values
 
 
+def describe(uid: str, entries: list[tuple[Path, pydicom.Dataset]]) -> DicomSeries:
+    """The series of these headers as its first header describes it, not yet checked: no slice order, no grid."""
+    first = entries[0][1]
+    try:
+        number = int(first.get("SeriesNumber"))
+    except (TypeError, ValueError):
+        number = None
+    return DicomSeries(uid, str(first.get("StudyInstanceUID", "")), str(first.get("SeriesDescription", "")), number,
+                       tuple(str(path) for path, _ in entries), (), str(first.get("PatientID", "")),
+                       str(first.get("StudyID", "")))
+
+
 def check_series(uid: str, entries: list[tuple[Path, pydicom.Dataset]], folder: Path) -> DicomSeries:
     """The series of these headers, its files sorted along the slice normal.
 
@@ -137,10 +150,7 @@ def check_series(uid: str, entries: list[tuple[Path, pydicom.Dataset]], folder: 
             spacings; slices off the slice normal or at one position; missing slices; multi-frame images; a single
             slice.
     """
-    first = entries[0][1]
-    number = int(first.SeriesNumber) if first.get("SeriesNumber") not in (None, "") else None
-    series = DicomSeries(uid, str(first.get("StudyInstanceUID", "")), str(first.get("SeriesDescription", "")),
-                         number, (), ())
+    series = describe(uid, entries)
     where = f"{folder}: {series.name()}"
     if any(int(header.get("NumberOfFrames", 1) or 1) > 1 for _, header in entries):
         raise PreprocessingError(f"{where} holds multi-frame images; export it as one file per slice")
@@ -176,20 +186,19 @@ def check_series(uid: str, entries: list[tuple[Path, pydicom.Dataset]], folder: 
                                  f"{along[index]:.3f} and {along[index + 1]:.3f} mm where the median step is "
                                  f"{median:.3f} mm")
     files = tuple(str(entries[i][0]) for i in order)
-    return DicomSeries(series.uid, series.study_uid, series.description, number, files,
-                       (rows, columns, orientation, spacing, positions),
-                       str(first.get("PatientID", "")), str(first.get("StudyID", "")))
+    return DicomSeries(series.uid, series.study_uid, series.description, series.number, files,
+                       (rows, columns, orientation, spacing, positions), series.patient_id, series.study_id)
 
 
-def find_series(folder: Path) -> list[DicomSeries]:
-    """Every DICOM series below `folder`, checked (`check_series`), by SeriesNumber; a one-line error when there is
-    none."""
+def find_series(folder: Path) -> list[tuple[DicomSeries, list[tuple[Path, pydicom.Dataset]]]]:
+    """Every DICOM image series below `folder` (`describe`d, with its headers), by SeriesNumber; a one-line error
+    when there is none."""
     headers = read_headers(folder)
     if not headers:
         raise PreprocessingError(f"{folder} holds no NIfTI images and no DICOM series")
-    found = [check_series(uid, entries, folder) for uid, entries in sorted(headers.items())]
-    return sorted(found, key=lambda series: (series.number if series.number is not None else -1,
-                                             series.description, series.uid))
+    found = [(describe(uid, entries), entries) for uid, entries in headers.items()]
+    return sorted(found, key=lambda item: (item[0].number if item[0].number is not None else -1,
+                                           item[0].description, item[0].uid))
 
 
 def same_grid(a: DicomSeries, b: DicomSeries) -> bool:
@@ -213,26 +222,32 @@ def matching_series(study: list[DicomSeries], name: str) -> list[DicomSeries]:
 
 def dicom_cases(folder: Path, n_channels: int, channel_names: Sequence[str] = ()) -> list[CaseFiles]:
     """The cases of a folder of DICOM series (module docstring): one series per case, or with `channel_names` one
-    study per case with a series per channel. Cases are sorted by id.
+    study per case with a series per channel. Only the series of the cases are checked (`check_series`): a
+    localizer that no channel name matches does not stop the run. Cases are sorted by id.
 
     Raises:
         PreprocessingError: no series; a bad series (`check_series`); a channel name with no or several series in
             a study, or channels on different grids; as many names as channels.
     """
     found = find_series(folder)
+    headers = {series.uid: entries for series, entries in found}
+
+    def checked(series: DicomSeries) -> DicomSeries:
+        return check_series(series.uid, headers[series.uid], folder)
+
     groups: list[tuple[str, list[DicomSeries]]] = []  # (fallback name, one series per channel)
     if not channel_names:
         if n_channels != 1:
             raise PreprocessingError(f"{folder}: the task has {n_channels} channels; name the series of each with "
                                      f"--dicom_channels (their SeriesDescription)")
-        groups = [(f"{series.number if series.number is not None else ''}_{series.description}", [series])
-                  for series in found]
+        groups = [(f"{series.number if series.number is not None else ''}_{series.description}", [checked(series)])
+                  for series, _ in found]
     else:
         if len(channel_names) != n_channels:
             raise PreprocessingError(f"--dicom_channels names {len(channel_names)} series but the task has "
                                      f"{n_channels} channel(s)")
         studies: dict[str, list[DicomSeries]] = {}
-        for series in found:
+        for series, _ in found:
             studies.setdefault(series.study_uid, []).append(series)
         for study_uid, study in sorted(studies.items()):
             channels = []
@@ -244,7 +259,7 @@ def dicom_cases(folder: Path, n_channels: int, channel_names: Sequence[str] = ()
                                f"channel '{name}' matches {len(matches)} series "
                                f"({', '.join(repr(s.description) for s in matches)}); give an exact description")
                     raise PreprocessingError(f"{folder}: study {study_uid}: {problem}")
-                channels.append(matches[0])
+                channels.append(checked(matches[0]))
             for series in channels[1:]:
                 if not same_grid(series, channels[0]):
                     raise PreprocessingError(f"{folder}: study {study_uid}: {series.name()} does not share the grid "

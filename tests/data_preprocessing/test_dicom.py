@@ -101,7 +101,7 @@ def test_channels_are_matched_per_study_by_series_description(tmp_path):
     ("no_names", r"the task has 2 channels; name the series of each with --dicom_channels"),
 ])
 def test_bad_dicom_input_is_one_line_naming_the_folder_and_series(tmp_path, problem, message):
-    names, channels = ["FLAIR", "T1"], 1
+    names, channels = [], 1
     if problem == "no_series":
         (tmp_path / "notes.txt").write_text("no images here")
     elif problem in ("mixed_geometry", "missing_slice", "duplicate"):
@@ -118,16 +118,30 @@ def test_bad_dicom_input_is_one_line_naming_the_folder_and_series(tmp_path, prob
             header.SOPInstanceUID = pydicom.uid.generate_uid()
             header.save_as(tmp_path / "ct" / "copy")
     else:
-        write_study(tmp_path / "study", names[:1])
+        write_study(tmp_path / "study", ["FLAIR"])
         study_uid = str(pydicom.dcmread(next((tmp_path / "study" / "FLAIR").iterdir())).StudyInstanceUID)
         other = DicomGeometry(slice_step=2.0) if problem == "channel_grids" else None
         write_dicom_series(tmp_path / "study" / "T1", volume(), other, description="T1", series_number=2,
                            study_uid=study_uid)
         channels = 2
-        names = {"missing_channel": ["FLAIR", "T2"], "channel_count": ["FLAIR"], "no_names": []}.get(problem, names)
+        names = {"missing_channel": ["FLAIR", "T2"], "channel_count": ["FLAIR"], "no_names": []}.get(problem,
+                                                                                                 ["FLAIR", "T1"])
     with pytest.raises(PreprocessingError, match=message) as raised:
         dicom_cases(tmp_path, channels, names)
     assert "\n" not in str(raised.value) and str(tmp_path) in str(raised.value) or problem == "channel_count"
+
+
+def test_only_the_series_of_the_cases_are_checked(tmp_path):
+    write_study(tmp_path / "study", ["FLAIR", "T1"])
+    localizer = write_dicom_series(tmp_path / "study" / "scout", volume(), description="Localizer",
+                                   study_uid=str(pydicom.dcmread(next((tmp_path / "study" / "T1").iterdir()))
+                                                 .StudyInstanceUID))
+    localizer[2].unlink()  # a gap: this series alone would be refused
+    assert [case.case_id for case in dicom_cases(tmp_path, 2, ["flair", "t1"])] == ["study"]
+    with pytest.raises(PreprocessingError, match="series 1 'Localizer' .* is missing slices"):
+        dicom_cases(tmp_path, 1)
+    (case,) = dicom_cases(tmp_path, 1, ["T1"])  # one channel, picked by name
+    assert case.case_id == "study_T1" and len(case.dicom) == 1
 
 
 def test_nifti_folders_keep_their_listing_and_refuse_dicom_channels(tmp_path):
