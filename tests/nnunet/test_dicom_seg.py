@@ -9,6 +9,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 
 import main
 from tests.factories import DicomGeometry, dicom_stored, save_nifti, write_dicom_series
@@ -56,10 +57,11 @@ def scans(synthetic_task, tmp_path_factory):
     return root / "dicom", root / "nifti", geometries
 
 
-def source_frames(folder):
-    """The SOP instance UIDs of the FLAIR series of a study folder, sorted along the slice normal, read here."""
+def source_frames(folder, description="FLAIR"):
+    """The headers of the series of a study folder whose description holds `description`, sorted along the slice
+    normal, read here."""
     headers = [pydicom.dcmread(path, stop_before_pixels=True) for path in folder.rglob("*") if path.is_file()]
-    headers = [h for h in headers if "FLAIR" in h.SeriesDescription]
+    headers = [h for h in headers if description in h.SeriesDescription]
     normal = np.cross(np.array(headers[0].ImageOrientationPatient[:3], dtype=float),
                       np.array(headers[0].ImageOrientationPatient[3:], dtype=float))
     headers.sort(key=lambda h: float(np.dot(np.array(h.ImagePositionPatient, dtype=float), normal)))
@@ -143,3 +145,44 @@ def test_bad_dicom_requests_are_one_line_before_any_prediction(trained, scans, s
     assert len(err) == 1 and err[0].startswith("error: ")
     assert re.search(message, err[0]), err[0]
     assert not (tmp_path / "out" / "predictions").exists()
+
+
+@pytest.fixture(scope="module")
+def one_channel_checkpoint(trained, tmp_path_factory):
+    """The trained network made a one-channel (CT) network: its first convolution reads the sum of both channels."""
+    checkpoint = torch.load(trained / "checkpoints" / "best.ckpt", map_location="cpu", weights_only=True)
+    config = checkpoint["hyper_parameters"]["config"]
+    config.update(in_channels=1, modalities={"0": "CT"}, normalization=config["normalization"][:1])
+    weight = checkpoint["state_dict"]["model.encoder.0.0.conv.weight"]
+    checkpoint["state_dict"]["model.encoder.0.0.conv.weight"] = weight.sum(dim=1, keepdim=True)
+    path = tmp_path_factory.mktemp("one_channel") / "ct.ckpt"
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_a_one_channel_task_predicts_every_series_as_a_case(one_channel_checkpoint, synthetic_task, tmp_path):
+    source = nib.load(str(synthetic_task.task_dir / "imagesTs" / "synthetic_009.nii.gz"))
+    image = source.get_fdata(dtype=np.float32)[..., 0]
+    zooms = [float(z) for z in source.header.get_zooms()[:3]]
+    geometries = {"scan_a": DicomGeometry(pixel_spacing=(zooms[1], zooms[0]), slice_step=zooms[2]),
+                  "scan_b": DicomGeometry.oblique(40.0, pixel_spacing=(zooms[1], zooms[0]), slice_step=zooms[2])}
+    for case_id, geometry in geometries.items():
+        write_dicom_series(tmp_path / "dicom" / case_id, image, geometry, description="CT abdomen", slope=0.5,
+                           intercept=-1000.0)
+        values = dicom_stored(image, 0.5, -1000.0) * np.float32(0.5) + np.float32(-1000.0)
+        (tmp_path / "nifti").mkdir(exist_ok=True)
+        save_nifti(tmp_path / "nifti" / f"{case_id}.nii.gz", values.astype(np.float32), geometry.ras_affine())
+    argv = ["--exec_mode", "predict", "--ckpt_path", str(one_channel_checkpoint), "--num_workers", "2"]
+    assert main.main([*argv, "--input", str(tmp_path / "nifti"), "--results", str(tmp_path / "a"), "--save_preds"]) == 0
+    assert main.main([*argv, "--input", str(tmp_path / "dicom"), "--results", str(tmp_path / "b"),
+                      "--output_format", "both"]) == 0
+    for case_id, geometry in geometries.items():
+        expected = nib.load(str(tmp_path / "a" / "predictions" / f"{case_id}.nii.gz"))
+        reference = np.asanyarray(expected.dataobj)
+        assert reference.max() > 0
+        written = nib.load(str(tmp_path / "b" / "predictions" / f"{case_id}.nii.gz"))
+        np.testing.assert_array_equal(np.asanyarray(written.dataobj), reference)
+        np.testing.assert_allclose(written.affine, geometry.ras_affine(), atol=1e-4)
+        _, labels = seg_labels(tmp_path / "b" / "predictions" / f"{case_id}.dcm",
+                               source_frames(tmp_path / "dicom" / case_id, "CT"))
+        np.testing.assert_array_equal(labels, reference)
