@@ -34,14 +34,15 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import nibabel as nib
 import numpy as np
-import pydicom
-import SimpleITK as sitk
-from pydicom.errors import InvalidDicomError
 
 from data_preprocessing.layouts import NIFTI_ENDINGS, CaseFiles, PreprocessingError, image_cases
+
+if TYPE_CHECKING:  # pydicom and SimpleITK are imported where DICOM is read: NIfTI runs do without them
+    import pydicom
 
 # Neighbouring slices further apart than this many times the median step mean missing slices.
 GAP_FACTOR = 1.5
@@ -106,6 +107,9 @@ def raw_cases(folder: Path, n_channels: int, channel_names: Sequence[str] = (),
 # ----------------------------------------------------------------------------------------------
 def read_headers(folder: Path) -> dict[str, list[tuple[Path, pydicom.Dataset]]]:
     """The DICOM image files below `folder` (hidden files and folders skipped), by SeriesInstanceUID."""
+    import pydicom
+    from pydicom.errors import InvalidDicomError
+
     series: dict[str, list[tuple[Path, pydicom.Dataset]]] = {}
     for path in sorted(folder.rglob("*")):
         if not path.is_file() or any(part.startswith(".") for part in path.relative_to(folder).parts):
@@ -312,6 +316,8 @@ def _common_parts(all_parts: list[tuple[str, ...]]) -> tuple[str, ...]:
 def read_series(files: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
     """One series' files, in slice order, as (X, Y, Z) float32 voxels (rescale slope and intercept applied) and
     the (4, 4) RAS affine a NIfTI of the series would have."""
+    import SimpleITK as sitk
+
     reader = sitk.ImageSeriesReader()
     reader.SetFileNames(list(files))
     reader.SetOutputPixelType(sitk.sitkFloat32)

@@ -15,6 +15,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
+from data_preprocessing.dicom import dicom_meta, read_dicom_case
 from data_preprocessing.layouts import CaseFiles, PreprocessingError
 from utils.nifti import NiftiError, load_nifti
 
@@ -102,8 +103,6 @@ def checked_image(data: np.ndarray, case: CaseFiles, n_channels: int) -> np.ndar
 def load_case(task_dir: Path, case: CaseFiles, n_channels: int, label_values: Iterable[int]) -> LoadedCase:
     """Read one case and check it; raise PreprocessingError naming the case otherwise."""
     if case.dicom is not None:
-        from data_preprocessing.dicom import read_dicom_case  # SimpleITK only for DICOM input
-
         nifti, data = read_dicom_case(case)
     else:
         nifti, data = read_image(task_dir, case)
@@ -149,8 +148,6 @@ def case_meta(case: CaseFiles, loaded: LoadedCase, geometry: dict) -> dict:
         **geometry,
     }
     if case.dicom is not None:
-        from data_preprocessing.dicom import dicom_meta
-
         meta["dicom"] = dicom_meta(case)
     return meta
 
