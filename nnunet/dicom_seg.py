@@ -47,6 +47,8 @@ def write_dicom_seg(folder: str | os.PathLike, case_id: str, labels_xyz: np.ndar
     Returns:
         The path written.
     """
+    if not meta.get("dicom"):
+        raise ValueError(f"{case_id}: a DICOM SEG references a DICOM series, and this case was not read from one")
     sources = [pydicom.dcmread(path, stop_before_pixels=True) for path in meta["dicom"]["files"]]
     frames = seg_frames(labels_xyz).astype(np.uint8)
     expected = (len(sources), int(sources[0].Rows), int(sources[0].Columns))

@@ -109,6 +109,8 @@ def test_dicom_input_predicts_as_nifti_and_writes_a_seg_on_the_source_frames(tra
 def test_a_model_package_writes_only_the_seg_with_dicom_seg(model_package, scans, tmp_path):
     dicom, nifti, _ = scans
     assert main.main(package_argv(model_package, nifti, tmp_path / "nifti")) == 0
+    assert main.main(package_argv(model_package, nifti, tmp_path / "refused", "--output_format", "both")) == 1
+    assert not (tmp_path / "refused" / "predictions").exists()
     # The task's channel names (FLAIR, T1Gd) are the default mapping: "T1Gd" is in no description here.
     assert main.main(package_argv(model_package, dicom, tmp_path / "dicom", "--output_format", "dicom-seg")) == 1
     assert main.main(package_argv(model_package, dicom, tmp_path / "dicom", "--output_format", "dicom-seg",
@@ -186,3 +188,19 @@ def test_a_one_channel_task_predicts_every_series_as_a_case(one_channel_checkpoi
         _, labels = seg_labels(tmp_path / "b" / "predictions" / f"{case_id}.dcm",
                                source_frames(tmp_path / "dicom" / case_id, "CT"))
         np.testing.assert_array_equal(labels, reference)
+
+
+def test_an_empty_prediction_is_a_seg_of_empty_frames_and_other_grids_are_refused(tmp_path):
+    from data_preprocessing.dicom import dicom_cases, dicom_meta
+    from nnunet.dicom_seg import write_dicom_seg
+
+    files = write_dicom_series(tmp_path / "in" / "ct", np.zeros((6, 5, 4), np.float32), DicomGeometry.oblique())
+    (case,) = dicom_cases(tmp_path / "in", 1)
+    meta = {"dicom": dicom_meta(case)}
+    path = write_dicom_seg(tmp_path / "out", case.case_id, np.zeros((6, 5, 4), np.uint8), meta, ["organ", "lesion"])
+    assert path == tmp_path / "out" / "ct.dcm"
+    _, labels = seg_labels(path, [pydicom.dcmread(f, stop_before_pixels=True) for f in files])
+    assert labels.shape == (6, 5, 4) and not labels.any()
+    with pytest.raises(ValueError, match=r"ct: labels of shape \(4, 6, 5\) \(slices, rows, columns\) do not fit"):
+        write_dicom_seg(tmp_path / "out", case.case_id, np.zeros((5, 6, 4), np.uint8), meta, ["organ"])
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["ct.dcm"]
