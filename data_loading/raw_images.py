@@ -4,7 +4,8 @@
 reads each case (MSD `<case>.nii.gz` with channels last, or nnU-Net v2 `<case>_0000.nii.gz` per channel),
 crops, resamples and normalises it with `data_preprocessing.preprocessor` exactly as training data was, and
 hands Lightning's predict loop the same batch as the preprocessed test folder does, with the case's
-metadata for writing the prediction back onto the source image.
+metadata for writing the prediction back onto the source image. The next case is read and preprocessed in a
+background thread while the current one is predicted (`utils.background.ReadAhead`).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_preprocessing.layouts import image_cases
 from data_preprocessing.reading import case_meta, load_case
 from data_preprocessing.transforms import preprocess_arrays
+from utils.background import ReadAhead
 from utils.errors import UserError
 
 
@@ -38,11 +40,15 @@ class RawImages(Dataset):
         self.config = config
         self.cases = image_cases(self.folder, config["in_channels"])
         self.label_values = [int(value) for value in config["labels"]]
+        self.reader = ReadAhead(self.load, len(self.cases))  # case i + 1 loads while case i is predicted
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.reader[index]
+
+    def load(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
         loaded = load_case(self.folder, case, self.config["in_channels"], self.label_values)
         image, _, geometry = preprocess_arrays(loaded, self.config, training=False)
@@ -56,5 +62,5 @@ def one_case_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def raw_image_loader(folder: str | Path, config: dict) -> DataLoader:
-    """One case per batch, in this process (a case is read while none is being predicted)."""
+    """One case per batch, in this process; each case is read and preprocessed while the one before is predicted."""
     return DataLoader(RawImages(folder, config), batch_size=1, collate_fn=one_case_batch)

@@ -208,6 +208,7 @@ class InferenceSettings:
     save_probs: bool = False
     overlay: bool = False
     results: str = "/results"
+    stitch_device: str = "auto"  # prediction's score volume: "auto", "gpu" or "cpu" (nnunet.inference)
 
 
 @dataclass(frozen=True)
