@@ -5,7 +5,8 @@ reads each case (MSD `<case>.nii.gz` with channels last, nnU-Net v2 `<case>_0000
 series, `data_preprocessing.dicom`),
 crops, resamples and normalises it with `data_preprocessing.preprocessor` exactly as training data was, and
 hands Lightning's predict loop the same batch as the preprocessed test folder does, with the case's
-metadata for writing the prediction back onto the source image.
+metadata for writing the prediction back onto the source image. The next case is read and preprocessed in a
+background thread while the current one is predicted (`utils.background.ReadAhead`).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_preprocessing.dicom import raw_cases
 from data_preprocessing.reading import case_meta, load_case
 from data_preprocessing.transforms import preprocess_arrays
+from utils.background import ReadAhead
 from utils.errors import UserError
 
 
@@ -41,11 +43,15 @@ class RawImages(Dataset):
         self.cases = raw_cases(self.folder, config["in_channels"], dicom_channels,
                                list(config.get("modalities", {}).values()))
         self.label_values = [int(value) for value in config["labels"]]
+        self.reader = ReadAhead(self.load, len(self.cases))  # case i + 1 loads while case i is predicted
 
     def __len__(self) -> int:
         return len(self.cases)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.reader[index]
+
+    def load(self, index: int) -> dict[str, Any]:
         case = self.cases[index]
         loaded = load_case(self.folder, case, self.config["in_channels"], self.label_values)
         image, _, geometry = preprocess_arrays(loaded, self.config, training=False)
@@ -59,5 +65,5 @@ def one_case_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def raw_image_loader(folder: str | Path, config: dict, dicom_channels: Sequence[str] = ()) -> DataLoader:
-    """One case per batch, in this process (a case is read while none is being predicted)."""
+    """One case per batch, in this process; each case is read and preprocessed while the one before is predicted."""
     return DataLoader(RawImages(folder, config, dicom_channels), batch_size=1, collate_fn=one_case_batch)

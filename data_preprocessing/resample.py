@@ -49,9 +49,13 @@ def resample_axis(volume: torch.Tensor, axis: int, new_size: int, order: int) ->
     old_size = volume.shape[axis]
     if old_size == new_size:
         return volume
-    index, weights = _taps(old_size, new_size, order)
+    return _gather(volume, axis, *_taps(old_size, new_size, order), order)
+
+
+def _gather(volume: torch.Tensor, axis: int, index: torch.Tensor, weights: torch.Tensor, order: int) -> torch.Tensor:
+    """The weighted sum over taps of the samples `index` (taps, n) along `axis`: n samples along it."""
     shape = [1] * volume.ndim
-    shape[axis] = new_size
+    shape[axis] = index.shape[1]
     out = None
     for tap_index, tap_weight in zip(index, weights):
         term = torch.index_select(volume, axis, tap_index)
@@ -68,6 +72,25 @@ def _resample(volume: torch.Tensor, new_shape: Sequence[int], orders: Sequence[i
     for axis in axes:
         volume = resample_axis(volume, first_axis + axis, int(new_shape[axis]), orders[axis])
     return volume
+
+
+def resample_rows(volume: torch.Tensor, new_shape: Sequence[int], orders: Sequence[int], axis: int, start: int,
+                  stop: int) -> torch.Tensor:
+    """Rows `start:stop` along spatial `axis` of `_resample(volume.float(), new_shape, orders)`, reading only the
+    input rows they interpolate from: the same values, for a slab's memory instead of the whole volume's."""
+    first_axis = volume.ndim - len(new_shape)
+    old_size = volume.shape[first_axis + axis]
+    if old_size == new_shape[axis]:
+        index, weights = torch.arange(old_size)[None], torch.ones(1, old_size)
+    else:
+        index, weights = _taps(old_size, int(new_shape[axis]), orders[axis])
+    index, weights = index[:, start:stop], weights[:, start:stop]
+    low, high = int(index.min()), int(index.max()) + 1
+    rows = volume.narrow(first_axis + axis, low, high - low).float()
+    rows = _gather(rows, first_axis + axis, index - low, weights, orders[axis])
+    slab_shape = list(new_shape)
+    slab_shape[axis] = stop - start
+    return _resample(rows, slab_shape, orders)
 
 
 def axis_orders(ndim: int, order: int, separate_z: int | None) -> list[int]:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 import random
+import sys
+import time
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -16,17 +18,21 @@ from pytorch_lightning.trainer.states import TrainerFn
 from data_preprocessing.network_plan import override_network
 from data_preprocessing.plans import network_window, task_network
 from nnunet.export import to_labels, write_prediction
-from nnunet.inference import predict_volume
+from nnunet.inference import CaseTooLarge, check_room, predict_volume
 from nnunet.loss import DeepSupervisionLoss, RegionLoss, SegmentationLoss
 from nnunet.metrics import dice_from_regions, dice_per_class
 from nnunet.network import build_network, set_layout
 from nnunet.overlay import write_overlay
 from nnunet.regions import BRATS_EDEMA, BRATS_MEAN, labels_to_regions, score_names, task_regions
 from nnunet.schedules import make_scheduler
+from utils.background import WriteBehind
 from utils.errors import UserError
 from utils.io import load_json
 from utils.settings import InferenceSettings, ModelSettings, OptimSettings
 
+# Whole-case scores of prediction: half precision (nnunet.inference), float16 on the CPU too (bfloat16's 8-bit
+# mantissa moves labels at near-ties that float16 keeps).
+PREDICTION_DTYPE = torch.float16
 PREDICTIONS = "predictions"
 # Version of what checkpoints store beside the weights: the plan, the model and optimisation settings.
 CHECKPOINT_FORMAT = 2
@@ -95,6 +101,9 @@ class NNUnet(pl.LightningModule):
         self.best_dice, self.best_epoch = 0.0, -1
         self.epoch_metrics: dict[str, Any] = {}
         self.meta_dir: str | None = None  # where predict_step finds each case's metadata
+        self.writer: WriteBehind | None = None  # prediction: the previous case written while the next is predicted
+        self.failed_cases: list[str] = []  # prediction: cases too large for the memory left (see check_room)
+        self.window_seconds = 0.0  # prediction: time spent in the sliding windows, every case together
         n_scores = len(self.class_names)
         self.mean_indices = BRATS_MEAN if model.targets == "brats" else list(range(n_scores))
         self.register_buffer("train_loss_sum", torch.zeros((), dtype=torch.float64), persistent=False)
@@ -155,13 +164,15 @@ class NNUnet(pl.LightningModule):
         self.val_cases.zero_()
         self.val_present.zero_()
 
-    def infer(self, image: torch.Tensor, tta: bool = False, activation: str | None = None) -> torch.Tensor:
-        """(1, C, D, H, W) -> (1, K, D, H, W) logits, or probabilities with an activation."""
+    def infer(self, image: torch.Tensor, tta: bool = False, activation: str | None = None,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """(1, C, D, H, W) -> (1, K, D, H, W) logits, or probabilities with an activation, in `dtype` (prediction:
+        float16, on the device --stitch_device says)."""
         # Channels-last is the faster layout for 3D inference on the CPU (nnunet.network.set_layout).
         set_layout(self.model, channels_last=image.device.type == "cpu" and self.dim == 3)
         return predict_volume(self.model, image, self.patch_size, overlap=self.inference.overlap,
                               blend=self.inference.blend, batch_size=self.inference.batch_size, tta=tta,
-                              activation=activation)
+                              activation=activation, dtype=dtype, device=self.inference.stitch_device)
 
     def validation_logits(self, image: torch.Tensor) -> torch.Tensor:
         """(1, C, D, H, W) -> (1, K, D, H, W) logits; with --tta the logits of the flip-averaged probabilities
@@ -264,38 +275,64 @@ class NNUnet(pl.LightningModule):
     # ------------------------------------------------------------------------------------------
     def predict_step(self, batch: dict[str, Any], batch_idx: int) -> str:
         """One whole case: {"image": (1, C, D, H, W), "case_id": [str]} with, for raw images, its "meta"
-        (otherwise read from the preprocessed folder's `<case>_meta.json`)."""
+        (otherwise read from the preprocessed folder's `<case>_meta.json`). The case's files are written in a
+        background thread while the next case is predicted; a case too large for the memory left is reported in
+        one line and skipped (`failed_cases`)."""
         case_id = batch["case_id"][0]
-        probabilities = self.infer(batch["image"], tta=self.inference.tta, activation=self.activation)[0]
+        try:
+            check_room(case_id, batch["image"], self.n_outputs, self.patch_size, self.inference.batch_size,
+                       self.inference.tta, self.inference.stitch_device, PREDICTION_DTYPE)
+        except CaseTooLarge as error:
+            print(error, file=sys.stderr, flush=True)
+            self.failed_cases.append(case_id)
+            return case_id
+        started = time.perf_counter()
+        probabilities = self.infer(batch["image"], tta=self.inference.tta, activation=self.activation,
+                                   dtype=PREDICTION_DTYPE)[0]
+        self.window_seconds += time.perf_counter() - started
         meta = batch.get("meta") or load_json(Path(self.meta_dir) / f"{case_id}_meta.json")
         if "label" in batch:  # a fold's validation cases: scored on the preprocessed grid
             self.val_dice_sum += self.case_dice(probabilities[None], batch["label"], threshold=0.5)
             self.val_present += self.case_presence(batch["label"])
             self.val_cases += 1
-        self.export(case_id, batch["image"][0], probabilities, meta)
+        image = batch["image"][0, 0].float().cpu().numpy() if self.inference.overlay else None
+        if self.writer is None:
+            self.writer = WriteBehind()
+        self.writer.submit(self.export, case_id, image, probabilities, meta)
         return case_id
 
     def on_predict_epoch_start(self) -> None:
         self.on_validation_epoch_start()
+        self.failed_cases, self.window_seconds = [], 0.0
 
     def on_predict_epoch_end(self) -> None:
         """With labelled cases, `epoch_metrics` gets their Dice per class, its mean and the case count."""
+        self.finish_writing()
         self.epoch_metrics = {}
         dice, mean_dice, _, totals = self.reduced_dice()
         if totals[-1] > 0:
             self.epoch_metrics = {"dice": dice.tolist(), "dice_mean": mean_dice, "cases": int(totals[-1])}
 
-    def export(self, case_id: str, image: torch.Tensor, probabilities: torch.Tensor, meta: dict) -> None:
-        """Write what the flags ask for: labels (--save_preds), probabilities (--save_probs), an overlay."""
+    def finish_writing(self) -> None:
+        """Wait for the case being written (its error, if any, is raised here)."""
+        writer, self.writer = self.writer, None
+        if writer is not None:
+            writer.close()
+
+    def teardown(self, stage: str) -> None:
+        self.finish_writing()  # a prediction stopped early still completes the file in flight
+
+    def export(self, case_id: str, image: np.ndarray | None, probabilities: torch.Tensor, meta: dict) -> None:
+        """Write what the flags ask for: labels (--save_preds), probabilities (--save_probs), an overlay of the
+        image's first channel (`image`, (D, H, W), given with --overlay)."""
         folder = Path(self.inference.results) / PREDICTIONS
         if self.inference.save_preds or self.inference.save_probs:
             write_prediction(folder, meta, probabilities, self.regions, self.inference.save_probs, self.label_names,
                              self.inference.output_format)
         if self.inference.overlay:
             labels = to_labels(probabilities, self.regions)
-            write_overlay(folder / f"{case_id}_overlay.png", image[0].float().cpu().numpy(), labels,
-                          class_names=self.label_names, title=case_id,
-                          spacing=list(self.config["spacing"])[-image.ndim + 1:])
+            write_overlay(folder / f"{case_id}_overlay.png", image, labels, class_names=self.label_names,
+                          title=case_id, spacing=list(self.config["spacing"])[-image.ndim:])
 
     # ------------------------------------------------------------------------------------------
     # Optimisation

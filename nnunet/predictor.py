@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -34,6 +35,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from data_preprocessing.dicom import check_output_format, raw_cases
 from data_preprocessing.layouts import CHANNEL_FILE, CaseFiles, case_id_of
@@ -41,10 +43,20 @@ from data_preprocessing.reading import LoadedCase, case_meta, checked_image, loa
 from data_preprocessing.transforms import preprocess_arrays
 from nnunet import postprocessing
 from nnunet.checkpoints import read_checkpoint, state_dict_mismatch, stored_settings
-from nnunet.export import place_in_source, source_header, source_image, to_crop_grid, to_labels
-from nnunet.nn_unet import PREDICTIONS, NNUnet
+from nnunet.export import (
+    ProbabilityFile,
+    crop_labels,
+    outside_fill,
+    place_in_source,
+    slab_axis,
+    source_header,
+    source_image,
+)
+from nnunet.inference import CaseTooLarge, check_room
+from nnunet.nn_unet import PREDICTION_DTYPE, PREDICTIONS, NNUnet
 from nnunet.package import ModelPackage, read_package
 from nnunet.trainer import resolve_device
+from utils.background import ReadAhead, WriteBehind
 from utils.errors import UserError
 from utils.io import atomic_open, check_writable, load_json, save_nifti
 from utils.settings import DeviceSettings, InferenceSettings
@@ -108,7 +120,7 @@ class Predictor:
     def from_package(cls, path: str | os.PathLike, folds: Sequence[int] | None = None,
                      device: str | torch.device = "cpu", tta: bool = False, overlap: float = 0.5,
                      blend: str = "gaussian", batch_size: int = 4, amp: bool = False,
-                     amp_dtype: str | None = None) -> Predictor:
+                     amp_dtype: str | None = None, stitch_device: str = "auto") -> Predictor:
         """Read a package, check it and load its networks.
 
         Args:
@@ -118,6 +130,7 @@ class Predictor:
             tta: average over every flip of the spatial axes.
             overlap, blend, batch_size: the sliding windows (`nnunet.inference.sliding_window`).
             amp: autocast the networks, in `amp_dtype` ("fp16" or "bf16"; default fp16 on CUDA, else bf16).
+            stitch_device: where a case's scores are summed ("auto", "gpu", "cpu"; `nnunet.inference`).
 
         Raises:
             UserError: one line naming the problem (`nnunet.package.read_package`; a fold checkpoint trained on
@@ -125,7 +138,8 @@ class Predictor:
         """
         package = read_package(path, list(folds) if folds is not None else None)
         torch_device = resolve_device(device)
-        inference = InferenceSettings(overlap=overlap, blend=blend, batch_size=batch_size, tta=tta)
+        inference = InferenceSettings(overlap=overlap, blend=blend, batch_size=batch_size, tta=tta,
+                                      stitch_device=stitch_device)
         members = []
         for name, configuration in package.configurations.items():
             plan = load_json(configuration.plan)
@@ -176,10 +190,15 @@ class Predictor:
         return self.predict_cases(folder, cases, probabilities, uncertainty)
 
     def predict_cases(self, folder: Path, cases: Sequence[CaseFiles], probabilities: bool = False,
-                      uncertainty: bool = False) -> Iterator[Prediction]:
-        for case in cases:
-            loaded = load_case(folder, case, self.in_channels, ())
-            yield self.predict_loaded(case, loaded, probabilities, uncertainty)
+                      uncertainty: bool = False, probabilities_to: Path | None = None) -> Iterator[Prediction]:
+        """`predict` of listed cases; with `probabilities_to`, probabilities stream into files there."""
+        for case, loaded in self.read_cases(folder, cases):
+            yield self.predict_loaded(case, loaded, probabilities, uncertainty, probabilities_to)
+
+    def read_cases(self, folder: Path, cases: Sequence[CaseFiles]) -> Iterator[tuple[CaseFiles, LoadedCase]]:
+        """Each case and its images, the next case read in a background thread while the caller predicts."""
+        return iter(ReadAhead(lambda index: (cases[index], load_case(folder, cases[index], self.in_channels, ())),
+                              len(cases)))
 
     def predict_array(self, image: np.ndarray, affine: np.ndarray | None = None,
                       spacing: Sequence[float] | None = None, case_id: str = "image", probabilities: bool = False,
@@ -217,62 +236,76 @@ class Predictor:
     # ------------------------------------------------------------------------------------------
     @torch.inference_mode()
     def predict_loaded(self, case: CaseFiles, loaded: LoadedCase, probabilities: bool = False,
-                       uncertainty: bool = False) -> Prediction:
-        """Predict one loaded case with every member (see the module docstring)."""
-        total: torch.Tensor | None = None  # (K, d, h, w) float32: the sum over members on the crop grid
+                       uncertainty: bool = False, probabilities_to: Path | None = None) -> Prediction:
+        """Predict one loaded case with every member (see the module docstring); with `probabilities_to`, the
+        probabilities stream into `<case>_probs.npz` there instead of into the prediction."""
+        grids: list[tuple[torch.Tensor, dict]] = []  # per configuration: its members' summed probabilities, meta
         member_labels: list[np.ndarray] = []  # (d, h, w) uint8 each, for the disagreement
-        reference: dict | None = None
         for name in dict.fromkeys(member.configuration for member in self.members):
             members = [member for member in self.members if member.configuration == name]
             image, _, geometry = preprocess_arrays(loaded, members[0].model.config, training=False)
             meta = case_meta(case, loaded, geometry)
-            if reference is None:
-                reference = meta
-            elif (meta["crop_box"], meta["cropped_shape"]) != (reference["crop_box"], reference["cropped_shape"]):
+            if grids and (meta["crop_box"], meta["cropped_shape"]) != (grids[0][1]["crop_box"],
+                                                                       grids[0][1]["cropped_shape"]):
                 raise RuntimeError(f"{case.case_id}: configurations cropped the image differently")
             volume = torch.from_numpy(image)[None].to(self.device)
             del image
-            network_sum: torch.Tensor | None = None  # (K, D, H, W) on the configuration's grid
+            model = members[0].model
+            check_room(case.case_id, volume, self.n_outputs, model.patch_size, model.inference.batch_size, self.tta,
+                       model.inference.stitch_device, PREDICTION_DTYPE)
+            network_sum: torch.Tensor | None = None  # (K, D, H, W) half precision on the configuration's grid
             for member in members:
                 output = self.infer(member.model, volume)
                 if uncertainty:
-                    member_labels.append(to_labels(to_crop_grid(output, meta), self.regions))
-                if network_sum is None:
-                    network_sum = output
-                else:
-                    network_sum += output
+                    member_labels.append(crop_labels([(output, meta)], self.regions))
+                network_sum = output if network_sum is None else network_sum.add_(output)
                 del output
             del volume
-            on_crop = to_crop_grid(network_sum, meta).cpu()
-            del network_sum
-            if total is None:
-                total = on_crop
-            else:
-                total += on_crop
-            del on_crop
-        total /= len(self.members)
-        ensemble = to_labels(total, self.regions)
+            grids.append((network_sum, meta))
+        reference = grids[0][1]
+        channels = grids[0][0].shape[0]
+        shape = [int(n) for n in reference["cropped_shape"]]
+        axis = slab_axis(reference)
+        consumers = []
+
+        def into(array: np.ndarray, convert) -> None:
+            def consume(start: int, stop: int, scores: torch.Tensor) -> None:
+                index = [slice(None)] * array.ndim
+                index[array.ndim - 3 + axis] = slice(start, stop)
+                array[tuple(index)] = convert(scores)
+            consumers.append(consume)
+
+        mean = entropy_map = None
+        if probabilities and probabilities_to is None:
+            mean = np.empty((channels, *shape), dtype=np.float16)
+            into(mean, lambda scores: scores.numpy())
+        if uncertainty:
+            entropy_map = np.empty(shape, dtype=np.float32)
+            into(entropy_map, lambda scores: entropy(scores, bool(self.regions)).numpy())
+        fill = outside_fill(channels, self.regions)
+        with (ProbabilityFile(Path(probabilities_to) / f"{case.case_id}_probs.npz", reference, fill)
+              if probabilities and probabilities_to is not None else nullcontext()) as stream:
+            if stream is not None:
+                consumers.append(stream)
+            ensemble = crop_labels(grids, self.regions, 1 / len(self.members), consumers)
+        del grids
         processing = self.package.postprocessing
         labels = postprocessing.apply(ensemble, processing.foreground_largest_component,
                                       processing.largest_component_labels)
         prediction = Prediction(case.case_id, place_in_source(labels, reference), np.array(reference["affine"]),
                                 source_header(reference), dicom=reference.get("dicom"))
-        if probabilities:
-            # Outside the crop box: background for softmax outputs, no region for sigmoid ones.
-            outside = np.zeros(total.shape[0])
-            if not self.regions:
-                outside[0] = 1
-            prediction.probabilities = place_in_source(total.numpy().astype(np.float16), reference, fill=outside)
+        if mean is not None:
+            prediction.probabilities = place_in_source(mean, reference, fill=fill)
         if uncertainty:
-            prediction.entropy = place_in_source(entropy(total, bool(self.regions)).numpy(), reference)
+            prediction.entropy = place_in_source(entropy_map, reference)
             prediction.disagreement = place_in_source(disagreement(member_labels, ensemble), reference)
         return prediction
 
     def infer(self, model: NNUnet, volume: torch.Tensor) -> torch.Tensor:
-        """(1, C, D, H, W) on the device -> (K, D, H, W) float32 probabilities of one network."""
+        """(1, C, D, H, W) on the device -> (K, D, H, W) float16 probabilities of one network (`NNUnet.infer`)."""
         autocast = torch.autocast(self.device.type, dtype=self.amp_dtype) if self.amp_dtype else nullcontext()
         with autocast:
-            return model.infer(volume, tta=self.tta, activation=self.activation)[0].float()
+            return model.infer(volume, tta=self.tta, activation=self.activation, dtype=PREDICTION_DTYPE)[0]
 
 
 def device_name(device: DeviceSettings) -> str:
@@ -391,14 +424,32 @@ def predict_package(package: str, inputs: str, folds: Sequence[int] | None, infe
         raise UserError("--model predicts in one process: use one device (--gpus 1 or 0, --cpu_processes 1)")
     predictor = Predictor.from_package(package, folds, device_name(device), tta=inference.tta,
                                        overlap=inference.overlap, blend=inference.blend,
-                                       batch_size=inference.batch_size, amp=device.amp, amp_dtype=device.amp_dtype)
+                                       batch_size=inference.batch_size, amp=device.amp, amp_dtype=device.amp_dtype,
+                                       stitch_device=inference.stitch_device)
     folder, cases = predictor.input_cases(inputs, inference.dicom_channels)
     check_output_format(inference.output_format, cases)
     output = Path(inference.results) / PREDICTIONS
     check_writable(output)
     names = predictor.members[0].model.label_names
-    for prediction in predictor.predict_cases(folder, cases, inference.save_probs, save_uncertainty):
-        write_prediction_files(prediction, output, names, inference.output_format)
-    print(f"predicted {len(cases)} case(s) with the mean of {len(predictor.members)} network(s) "
+    failed = []
+    writer = WriteBehind()  # the previous case is written while the next one is predicted
+    try:
+        for case, loaded in tqdm(predictor.read_cases(folder, cases), total=len(cases), desc="cases", unit="case",
+                                 disable=len(cases) < 2 or not sys.stderr.isatty()):
+            try:
+                prediction = predictor.predict_loaded(case, loaded, inference.save_probs, save_uncertainty,
+                                                      probabilities_to=output)
+            except CaseTooLarge as error:
+                print(error, file=sys.stderr, flush=True)
+                failed.append(case.case_id)
+                continue
+            del loaded
+            writer.submit(write_prediction_files, prediction, output, names, inference.output_format)
+            del prediction
+    finally:
+        writer.close()
+    print(f"predicted {len(cases) - len(failed)} case(s) with the mean of {len(predictor.members)} network(s) "
           f"({predictor.describe()}) into {output}")
+    if failed:
+        raise UserError(f"{len(failed)} of {len(cases)} case(s) not predicted (see above): {', '.join(failed)}")
     return [case.case_id for case in cases]

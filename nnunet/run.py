@@ -6,6 +6,7 @@ and, for tests and benchmarks, extra Lightning callbacks. Benchmark mode is `nnu
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytorch_lightning as pl
@@ -167,6 +168,7 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
     if writes:
         check_writable(Path(inference.results) / PREDICTIONS)  # before any case is predicted
     trainer_callbacks = [StopPredictionOnSigterm(), *(callbacks or [])]
+    started = time.perf_counter()
     if raw_input:
         model = model_from_checkpoint(checkpoint, inference, None, flags)
         if accelerator(device)[1] * device.nodes > 1:
@@ -185,12 +187,18 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
             print(f"predicting {datamodule.prediction_description()}", flush=True)
         trainer.predict(model, datamodule=datamodule, return_predictions=False)
         cases = datamodule.test_cases
+    wall = time.perf_counter() - started
     if trainer.is_global_zero:
         folder = Path(inference.results) / PREDICTIONS
         if model.epoch_metrics:
             print(format_prediction_dice(model.class_names, model.epoch_metrics))
-        print(f"predicted {len(cases)} case(s) into {folder}" if writes else
-              f"predicted {len(cases)} case(s); nothing written (add --save_preds to write NIfTI labels)")
+        done = len(cases) - len(model.failed_cases)
+        timing = f"in {wall:.1f} s, {model.window_seconds:.1f} s of it in the network's windows"
+        print(f"predicted {done} case(s) into {folder} {timing}" if writes else
+              f"predicted {done} case(s) {timing}; nothing written (add --save_preds to write NIfTI labels)")
+    if model.failed_cases:
+        raise UserError(f"{len(model.failed_cases)} of {len(cases)} case(s) not predicted (see above): "
+                        f"{', '.join(model.failed_cases)}")
     return cases
 
 

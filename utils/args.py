@@ -220,6 +220,9 @@ def main_parser() -> argparse.ArgumentParser:
     evaluation.add_argument("--blend", choices=["gaussian", "constant"], default="gaussian",
                             help="weighting of overlapping windows")
     evaluation.add_argument("--tta", action="store_true", help="test-time augmentation over all flips")
+    evaluation.add_argument("--stitch_device", choices=["auto", "gpu", "cpu"], default="auto",
+                            help="prediction: where the windows' half-precision scores of a whole case are summed; "
+                                 "auto: on the GPU when it has room, else in host memory")
     evaluation.add_argument("--save_preds", action="store_true", help="write predictions as NIfTI")
     evaluation.add_argument("--save_probs", action="store_true",
                             help="also write class probabilities (float16, compressed)")
@@ -328,7 +331,7 @@ def inference_settings(args: argparse.Namespace) -> InferenceSettings:
     return InferenceSettings(overlap=args.overlap, blend=args.blend, batch_size=args.val_batch_size, tta=args.tta,
                              save_preds=args.save_preds or args.output_format != "nifti", save_probs=args.save_probs,
                              overlay=args.overlay, results=args.results, output_format=args.output_format,
-                             dicom_channels=tuple(args.dicom_channels or ()))
+                             dicom_channels=tuple(args.dicom_channels or ()), stitch_device=args.stitch_device)
 
 
 def training_settings(args: argparse.Namespace) -> TrainingSettings:

@@ -210,6 +210,7 @@ class InferenceSettings:
     results: str = "/results"
     output_format: str = "nifti"  # labels as "nifti", "dicom-seg" (DICOM input only) or "both"
     dicom_channels: tuple[str, ...] = ()  # the SeriesDescription of each channel of DICOM input
+    stitch_device: str = "auto"  # prediction's score volume: "auto", "gpu" or "cpu" (nnunet.inference)
 
 
 @dataclass(frozen=True)

@@ -101,3 +101,37 @@ def test_region_probabilities_become_the_innermost_label():
     probabilities[2, ..., 3] = 0.7  # enhancing on 3
     labels = to_labels(probabilities, [[1, 2, 3], [2, 3], [3]])
     np.testing.assert_array_equal(labels[0, 0], [0, 1, 2, 3])
+
+
+@pytest.mark.parametrize("order", ["xyz", "zyx"])
+@pytest.mark.parametrize("separate_z", [None, 0])
+def test_slabs_equal_the_whole_volume_way_back(tmp_path, monkeypatch, order, separate_z):
+    """Labels and the streamed probabilities file, a few rows at a time, equal resampling every class of the whole
+    volume at once and placing it in the source."""
+    from data_preprocessing.resample import resample_probabilities
+    from nnunet import export
+
+    monkeypatch.setattr(export, "SLAB_BYTES", 3 * 4 * 9 * 11)  # about one row of the crop per slab
+    meta = {"case_id": "c", "shape": [9, 12, 13], "pad": [[1, 0], [0, 2], [1, 1]], "cropped_shape": [5, 9, 11],
+            "separate_z": separate_z, "crop_box": [[2, 7], [1, 10], [0, 11]], "array_order": order}
+    meta["original_shape"] = [8, 12, 11] if order == "zyx" else [11, 12, 8]
+    scores = torch.softmax(torch.randn(N_CLASS, *meta["shape"]), 0).half()
+    fill = export.outside_fill(N_CLASS, None)
+    with export.ProbabilityFile(tmp_path / "c_probs.npz", meta, fill) as stream:
+        labels = export.crop_labels([(scores, meta)], consumers=[stream])
+    whole = resample_probabilities(unpad(scores, meta["pad"]).float(), meta["cropped_shape"], separate_z)
+    np.testing.assert_array_equal(labels, to_labels(whole))
+    saved = np.load(tmp_path / "c_probs.npz")["probabilities"]
+    expected = place_in_source(whole.numpy().astype(np.float16), meta, fill=fill)
+    assert saved.shape == expected.shape == (N_CLASS, *meta["original_shape"])
+    np.testing.assert_allclose(saved.astype(np.float32), expected.astype(np.float32), atol=1e-3)
+    assert [path.name for path in tmp_path.iterdir()] == ["c_probs.npz"]
+
+
+def test_a_failed_probability_stream_leaves_no_file(tmp_path):
+    from nnunet import export
+
+    meta = {"original_shape": [4, 3, 2], "crop_box": [[0, 2], [0, 3], [0, 4]], "cropped_shape": [2, 3, 4]}
+    with pytest.raises(ValueError), export.ProbabilityFile(tmp_path / "c_probs.npz", meta, [1.0, 0.0]):
+        raise ValueError("prediction failed")
+    assert not list(tmp_path.iterdir())

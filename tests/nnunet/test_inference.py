@@ -129,3 +129,54 @@ def test_blend_weights_overlapping_windows():
     # Voxel 6 lies in the first window (ramp value 6/7) and the second (2/7): constant weights average them.
     assert outputs["constant"][6].item() == pytest.approx((6 / 7 + 2 / 7) / 2)
     assert not torch.allclose(outputs["constant"], outputs["gaussian"])
+
+
+def test_an_axis_smaller_than_the_patch_is_padded():
+    torch.manual_seed(0)
+    network = Pointwise(3)
+    volume = torch.randn(1, 2, 5, 23, 30)
+    with torch.no_grad():
+        result = predict_volume(network, volume, [8, 16, 16], overlap=0.5, batch_size=4)
+        expected = network(volume)
+    torch.testing.assert_close(result, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_half_precision_output_stays_close_to_float32():
+    torch.manual_seed(0)
+    network = torch.nn.Sequential(torch.nn.Conv3d(2, 8, 3, padding=1), torch.nn.ReLU(),
+                                  torch.nn.Conv3d(8, 3, 3, padding=1))
+    volume = torch.randn(1, 2, 20, 24, 28)
+    with torch.no_grad():
+        full = predict_volume(network, volume, [8, 8, 8], activation="softmax", tta=True)
+        half = predict_volume(network, volume, [8, 8, 8], activation="softmax", tta=True, dtype=torch.float16)
+    assert half.dtype == torch.float16 and half.shape == full.shape
+    assert (half.float() - full).abs().max() < 2e-3
+
+
+@pytest.mark.parametrize("patch", [None, [16, 16, 16]])
+def test_labels_agree_with_monai_float32_windows(trained, synthetic_task, patch):
+    """The half-precision stitching gives the labels of MONAI's float32 sliding_window_inference (the previous
+    prediction path) on the test cases of the trained synthetic task, with its own patch (one window per case)
+    and with a smaller one (overlapping windows)."""
+    from monai.inferers import sliding_window_inference
+
+    from nnunet.checkpoints import model_from_checkpoint
+
+    model = model_from_checkpoint(trained / "checkpoints" / "best.ckpt")
+    patch = patch or list(model.patch_size)
+    agree = total = 0
+    for path in sorted((synthetic_task.preprocessed(3) / "test").glob("*_x.npy")):
+        volume = torch.from_numpy(np.load(path))[None]
+        with torch.no_grad():
+            reference = sliding_window_inference(volume, patch, 4, model.model, overlap=0.5, mode="gaussian",
+                                                 sigma_scale=0.125, padding_mode="constant", cval=0.0)
+            ours = predict_volume(model.model, volume, patch, activation="softmax", dtype=torch.float16)
+        reference = torch.softmax(reference, dim=1)[0]
+        differ = ours[0].argmax(0) != reference.argmax(0)
+        # Only near-ties may change: where float32's two best classes are within rounding of each other.
+        top2 = reference.topk(2, dim=0).values
+        assert bool((top2[0] - top2[1])[differ].le(2e-3).all())
+        assert (ours[0].float() - reference).abs().max() < 5e-3
+        agree += int((~differ).sum())
+        total += differ.numel()
+    assert total > 0 and agree / total >= 0.9999

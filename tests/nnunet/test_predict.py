@@ -107,3 +107,32 @@ def test_a_val_folder_is_narrowed_to_the_fold(trained, synthetic_task, tmp_path)
 
     training = sorted(p.name[:-6] for p in (data / "00_3d").glob("*_x.npy"))
     assert predicted == sorted(split_cases(training, 4, 1)[1]) and len(predicted) == 2
+
+
+@pytest.mark.parametrize("source", ["raw", "preprocessed"])
+def test_a_case_too_large_for_the_memory_left_is_skipped(trained, synthetic_task, tmp_path, capsys, monkeypatch,
+                                                         source):
+    """With memory for the smaller test case only, the larger one is reported in one line and skipped, the smaller
+    one predicted and written, and the exit code says that a case failed."""
+    import json
+    from types import SimpleNamespace
+
+    from nnunet import inference
+    from nnunet.checkpoints import model_from_checkpoint
+
+    patch = model_from_checkpoint(trained / "checkpoints" / "best.ckpt").patch_size
+    folder = synthetic_task.preprocessed(3) / "test"
+    shapes = {path.name[:-len("_meta.json")]: json.loads(path.read_text())["shape"]
+              for path in folder.glob("*_meta.json")}
+    small, large = sorted(shapes, key=lambda case: np.prod(shapes[case]))
+    assert np.prod(shapes[small]) < np.prod(shapes[large])
+    needs = {case: sum(inference.case_footprint(shape, 4, patch, 4, False)) for case, shape in shapes.items()}
+    free = (needs[small] + needs[large]) // 2
+    monkeypatch.setattr(inference.psutil, "virtual_memory", lambda: SimpleNamespace(available=free))
+    where = ["--input", str(synthetic_task.task_dir / "imagesTs")] if source == "raw" else \
+        ["--data", str(synthetic_task.preprocessed(3))]
+    assert main.main(predict_argv(trained, tmp_path, *where, "--save_preds")) == 1
+    err = capsys.readouterr().err
+    assert f"{large}: predicting it needs about" in err and "GB are free" in err
+    assert f"1 of 2 case(s) not predicted (see above): {large}" in err
+    assert sorted(path.name for path in (tmp_path / "predictions").iterdir()) == [f"{small}.nii.gz"]

@@ -303,4 +303,5 @@ def test_model_and_inference_flags_reach_the_network_loss_and_sliding_window(tmp
     (tmp_path / "case_meta.json").write_text("{}")
     model.meta_dir = str(tmp_path)
     model.predict_step({"case_id": ["case"], "image": torch.zeros(1, 1, 16, 16, 16)}, 0)
-    assert calls == [{"overlap": 0.25, "blend": "constant", "batch_size": 3, "tta": True, "activation": "softmax"}]
+    assert calls == [{"overlap": 0.25, "blend": "constant", "batch_size": 3, "tta": True, "activation": "softmax",
+                      "dtype": torch.float16, "device": "auto"}]
