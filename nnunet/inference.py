@@ -111,6 +111,13 @@ class WindowShares:
         return share
 
 
+def free_device_memory(device: torch.device) -> int:
+    # The device module (nnunet.trainer, the one place that asks CUDA) imports this one through the model.
+    from nnunet.trainer import free_device_memory as free
+
+    return free(device)
+
+
 def stitch_device(volume: torch.Tensor, shape: Sequence[int], dtype: torch.dtype, choice: str = "auto") -> torch.device:
     """Where the (K, *spatial) output lives: `choice` "cpu" or "gpu" (the volume's device), or with "auto" the
     volume's device when it has room for the output and a quarter more, else the CPU."""
@@ -118,7 +125,7 @@ def stitch_device(volume: torch.Tensor, shape: Sequence[int], dtype: torch.dtype
         return torch.device("cpu")
     if choice == "gpu":
         return volume.device
-    free, _ = torch.cuda.mem_get_info(volume.device)
+    free = free_device_memory(volume.device)
     needed = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
     return volume.device if needed * 1.25 < free else torch.device("cpu")
 
@@ -256,7 +263,7 @@ def check_room(case_id: str, volume: torch.Tensor, classes: int, patch_size: Seq
     scores, rest = case_footprint(volume.shape[2:], classes, patch_size, batch_size, tta, dtype)
     gb = 1e9
     if volume.device.type == "cuda" and stitch != "cpu":
-        free, _ = torch.cuda.mem_get_info(volume.device)
+        free = free_device_memory(volume.device)
         if scores * 1.25 < free:
             scores_on_host = 0
         elif stitch == "gpu":

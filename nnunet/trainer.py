@@ -116,6 +116,12 @@ def build_trainer(device: DeviceSettings, callbacks: list[pl.Callback] | None = 
         raise UserError(f"--accelerator {kind}: {error}") from None
 
 
+def free_device_memory(device: torch.device) -> int:
+    """Bytes a CUDA device can still allocate (prediction decides from it where a case's scores go)."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free)
+
+
 def resolve_device(device: str | torch.device) -> torch.device:
     """A torch device from a name, checked to exist (CUDA)."""
     try:
