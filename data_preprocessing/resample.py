@@ -76,8 +76,13 @@ def _resample(volume: torch.Tensor, new_shape: Sequence[int], orders: Sequence[i
 
 def resample_rows(volume: torch.Tensor, new_shape: Sequence[int], orders: Sequence[int], axis: int, start: int,
                   stop: int) -> torch.Tensor:
-    """Rows `start:stop` along spatial `axis` of `_resample(volume.float(), new_shape, orders)`, reading only the
-    input rows they interpolate from: the same values, for a slab's memory instead of the whole volume's."""
+    """Rows `start:stop` along spatial `axis` of `_resample(volume.float(), new_shape, orders)` for (K, D, H, W),
+    reading only the input rows they interpolate from: the same values, for a slab's memory instead of the volume's.
+
+    The two other axes, when both are linear, go through torch's bilinear interpolation, which samples exactly
+    the positions `_taps` gives (align_corners=False, edges clamped) and runs several times faster than gathers
+    along an inner axis.
+    """
     first_axis = volume.ndim - len(new_shape)
     old_size = volume.shape[first_axis + axis]
     if old_size == new_shape[axis]:
@@ -90,7 +95,19 @@ def resample_rows(volume: torch.Tensor, new_shape: Sequence[int], orders: Sequen
     rows = _gather(rows, first_axis + axis, index - low, weights, orders[axis])
     slab_shape = list(new_shape)
     slab_shape[axis] = stop - start
-    return _resample(rows, slab_shape, orders)
+    others = [other for other in range(len(new_shape)) if other != axis]
+    if volume.ndim != 4 or any(orders[other] != 1 for other in others):
+        return _resample(rows, slab_shape, orders)
+    if all(rows.shape[1 + other] == new_shape[other] for other in others):
+        return rows
+    # (K, D, H, W) with the slab axis moved next to K, the two others last: a batch of 2D images.
+    order = [0, 1 + axis, *(1 + other for other in others)]
+    moved = rows.permute(order)
+    planes = moved.reshape(1, -1, *moved.shape[2:])
+    resized = torch.nn.functional.interpolate(planes, size=[int(new_shape[other]) for other in others],
+                                              mode="bilinear", align_corners=False)
+    resized = resized.reshape(*moved.shape[:2], *resized.shape[2:])
+    return resized.permute([order.index(dim) for dim in range(4)])
 
 
 def axis_orders(ndim: int, order: int, separate_z: int | None) -> list[int]:
