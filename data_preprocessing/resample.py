@@ -7,13 +7,15 @@ resized from ``n`` to ``m`` samples input position ``(j + 0.5) * n / m - 0.5``, 
 outside the volume take the edge value.
 
 Why by hand: scipy's and scikit-image's spline resampling (what nnU-Net uses) run a prefilter and
-a full 3D kernel on one core; per-axis gathers in torch use every core, touch 4 input samples per
-output sample and axis, and make "in-plane cubic, order 0 along the coarse axis" a per-axis
-choice rather than a separate code path.
+a full 3D kernel on one core; per-axis products with a small interpolation matrix run on torch's
+BLAS on every core, and make "in-plane cubic, order 0 along the coarse axis" a per-axis choice
+rather than a separate code path. Volumes must be finite (readers refuse NaN and infinity): a
+matrix product spreads a NaN along its whole row.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -53,16 +55,20 @@ def resample_axis(volume: torch.Tensor, axis: int, new_size: int, order: int) ->
 
 
 def _gather(volume: torch.Tensor, axis: int, index: torch.Tensor, weights: torch.Tensor, order: int) -> torch.Tensor:
-    """The weighted sum over taps of the samples `index` (taps, n) along `axis`: n samples along it."""
-    shape = [1] * volume.ndim
-    shape[axis] = index.shape[1]
-    out = None
-    for tap_index, tap_weight in zip(index, weights):
-        term = torch.index_select(volume, axis, tap_index)
-        if order:
-            term.mul_(tap_weight.view(shape))
-        out = term if out is None else out.add_(term)
-    return out
+    """The weighted sum over taps of the samples `index` (taps, n) along `axis`: n samples along it.
+
+    Computed as the product with the (n, old) interpolation matrix, zero but for the taps: a matrix product
+    runs on BLAS at full speed along any axis, where gathering samples along an inner axis of a large volume
+    (torch.index_select) ran 10-20 times slower.
+    """
+    old_size, new_size = volume.shape[axis], index.shape[1]
+    matrix = torch.zeros(new_size, old_size, dtype=volume.dtype, device=volume.device)
+    matrix.scatter_add_(1, index.t().contiguous().to(volume.device), weights.t().to(volume.dtype).to(volume.device))
+    if axis == volume.ndim - 1:
+        return (volume.reshape(-1, old_size) @ matrix.t()).reshape(*volume.shape[:-1], new_size)
+    before, after = math.prod(volume.shape[:axis]), math.prod(volume.shape[axis + 1:])
+    out = matrix @ volume.reshape(before, old_size, after)
+    return out.reshape(*volume.shape[:axis], new_size, *volume.shape[axis + 1:])
 
 
 def _resample(volume: torch.Tensor, new_shape: Sequence[int], orders: Sequence[int]) -> torch.Tensor:
