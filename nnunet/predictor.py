@@ -9,11 +9,13 @@ Each case is read once and preprocessed once per configuration exactly as traini
 (`data_preprocessing`), then predicted by every fold's network (sliding windows, flips with TTA). The ensemble
 is the mean of every member's probabilities (each fold of each configuration counts once):
 
-* the folds of one configuration share its grid, so their probabilities are summed in place there and the sum
-  goes to the source grid once. That step (`nnunet.export.to_crop_grid`: unpadding, then linear interpolation
-  with order 0 along a separately handled axis) is linear in its input, so resampling the sum equals summing
-  the resampled members, up to float32 rounding, for one resampling instead of one per fold;
-* configurations (2D, 3D, ...) have different grids: their resampled sums are added on the source grid.
+* the folds of one configuration share its grid, so their float16 probabilities are summed in place there and
+  the sum goes to the source grid once. That step (`nnunet.export.crop_slabs`: unpadding, then linear
+  interpolation with order 0 along a separately handled axis, slab by slab) is linear in its input, so
+  resampling the sum equals summing the resampled members, up to rounding, for one resampling instead of one
+  per fold;
+* configurations (2D, 3D, ...) have different grids: their resampled sums are added slab by slab on the
+  source grid.
 
 Labels come from the mean (argmax, or region probabilities > 0.5), then the package's postprocessing. On request
 a `Prediction` also holds the mean probabilities and two uncertainty maps: the entropy of the mean probabilities
