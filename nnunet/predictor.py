@@ -20,8 +20,8 @@ is the mean of every member's probabilities (each fold of each configuration cou
 Labels come from the mean (argmax, or region probabilities > 0.5), then the package's postprocessing. On request
 a `Prediction` also holds the mean probabilities and two uncertainty maps: the entropy of the mean probabilities
 in nats (softmax: -sum p ln p, at most ln K; regions: the sum of each region's binary entropy) and the fraction
-of members whose own labels differ from the ensemble's labels before postprocessing. One case is in memory at a
-time.
+of members whose own labels differ from the ensemble's labels before postprocessing. One case is predicted at a
+time, the next one read meanwhile (`read_cases`).
 """
 
 from __future__ import annotations
