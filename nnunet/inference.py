@@ -188,7 +188,13 @@ def predict_volume(network: Network, volume: torch.Tensor, patch_size: Sequence[
         scores = run(torch.stack([read_window(volume[0], box) for box in boxes]))
         if output is None:
             shape = (scores.shape[1], *spatial)
-            output = torch.zeros(shape, dtype=dtype, device=stitch_device(volume, shape, dtype, device))
+            where = stitch_device(volume, shape, dtype, device)
+            try:
+                output = torch.zeros(shape, dtype=dtype, device=where)
+            except torch.OutOfMemoryError:
+                if device != "auto" or where.type == "cpu":
+                    raise
+                output = torch.zeros(shape, dtype=dtype)  # the GPU ran short after all: host memory
         for position, box, window_scores in zip(batch, boxes, scores):
             inside = tuple(slice(max(low, 0), min(high, size)) for (low, high), size in zip(box, spatial))
             within = tuple(slice(max(-low, 0), max(-low, 0) + part.stop - part.start)

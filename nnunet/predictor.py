@@ -130,7 +130,7 @@ class Predictor:
             folds: predict with these folds of every configuration only (None: all).
             device: "cpu", "cuda", "cuda:1", ...
             tta: average over every flip of the spatial axes.
-            overlap, blend, batch_size: the sliding windows (`nnunet.inference.sliding_window`).
+            overlap, blend, batch_size: the sliding windows (`nnunet.inference.predict_volume`).
             amp: autocast the networks, in `amp_dtype` ("fp16" or "bf16"; default fp16 on CUDA, else bf16).
             stitch_device: where a case's scores are summed ("auto", "gpu", "cpu"; `nnunet.inference`).
 

@@ -38,6 +38,23 @@ def test_sliding_window_on_cuda_equals_the_cpu(trained, synthetic_task, exact_cu
     torch.testing.assert_close(on_cuda.cpu(), on_cpu, atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("stitch", ["gpu", "cpu"])
+def test_half_precision_scores_on_either_device(trained, synthetic_task, exact_cuda_float32, stitch) -> None:
+    """Windows on CUDA, the float16 score volume on the GPU or in host memory: the CPU's float32 result."""
+    from nnunet.inference import predict_volume
+
+    model = model_from_checkpoint(trained / "checkpoints" / "best.ckpt").eval()
+    case = sorted(synthetic_task.preprocessed(3).glob("*_x.npy"))[0]
+    volume = torch.from_numpy(np.load(case))[None]
+    patch = [16, 16, 16]  # overlapping windows
+    with torch.no_grad():
+        on_cpu = predict_volume(model.model, volume, patch, activation="softmax")
+        half = predict_volume(model.model.to("cuda"), volume.cuda(), patch, activation="softmax",
+                              dtype=torch.float16, device=stitch)
+    assert half.device.type == ("cuda" if stitch == "gpu" else "cpu") and half.dtype == torch.float16
+    assert (half.cpu().float() - on_cpu).abs().max() < 5e-3
+
+
 def predicted_labels(folder: Path) -> dict[str, np.ndarray]:
     return {path.name: np.asanyarray(nib.load(str(path)).dataobj) for path in sorted(folder.glob("*.nii.gz"))}
 
