@@ -319,9 +319,6 @@ class NNUnet(pl.LightningModule):
         if writer is not None:
             writer.close()
 
-    def teardown(self, stage: str) -> None:
-        self.finish_writing()  # a prediction stopped early still completes the file in flight
-
     def export(self, case_id: str, image: np.ndarray | None, probabilities: torch.Tensor, meta: dict) -> None:
         """Write what the flags ask for: labels (--save_preds), probabilities (--save_probs), an overlay of the
         image's first channel (`image`, (D, H, W), given with --overlay)."""

@@ -176,7 +176,10 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
         images = raw_image_loader(raw_input, model.config, inference.dicom_channels)
         check_output_format(inference.output_format, images.dataset.cases)
         trainer = build_trainer(device, trainer_callbacks)
-        trainer.predict(model, dataloaders=images, return_predictions=False)
+        try:
+            trainer.predict(model, dataloaders=images, return_predictions=False)
+        finally:
+            model.finish_writing()  # the case being written is completed, also when prediction stops early
         cases = [case.case_id for case in images.dataset.cases]
     else:
         model = model_from_checkpoint(checkpoint, inference, read_config(loader.data), flags)
@@ -185,7 +188,10 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
         trainer = build_trainer(device, trainer_callbacks)
         if trainer.is_global_zero:
             print(f"predicting {datamodule.prediction_description()}", flush=True)
-        trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        try:
+            trainer.predict(model, datamodule=datamodule, return_predictions=False)
+        finally:
+            model.finish_writing()
         cases = datamodule.test_cases
     wall = time.perf_counter() - started
     if trainer.is_global_zero:
