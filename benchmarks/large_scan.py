@@ -9,11 +9,13 @@ values: air, a soft-tissue body, a spine, two ellipsoid organs that are the labe
   * a training task, --train_cases cases of --train_shape in the MSD layout, preprocessed with our
     preprocess.py: every case is at the scan's spacing, so the plan's spacing is the scan's and nothing is
     resampled, neither in preprocessing nor in prediction;
-  * a network of that plan trained with `main.py --exec_mode train --save_ckpt` for --epochs epochs of
-    --train_batches steps: briefly trained weights, since what is measured is the cost of prediction, not its
-    Dice. --filters is small (8 16 32 64 by default, nnU-Net's is 32 64 128 256 320) so that prediction of a
-    512 x 512 x 600 scan finishes in minutes on two CPU cores; the network's cost per voxel shrinks with it,
-    the cost of everything else (reading, normalising, stitching, inverting, writing) does not;
+  * a network of that plan trained as `main.py --exec_mode train --save_ckpt` trains it (`main.main`, in this
+    process, not measured) for --epochs epochs of --train_batches steps: briefly trained weights, since what is
+    measured is the cost of prediction, not its Dice. --filters is small (8 16 32 64, then doubling to the
+    plan's depth: 128 for the 5 stages of the default --train_shape; nnU-Net's are 32 64 128 256 320) so that
+    prediction of a 512 x 512 x 600 scan is a matter of minutes, not hours, on two CPU cores; the network's
+    cost per voxel shrinks with it, the cost of everything else (reading, normalising, stitching, inverting,
+    writing) and the memory it takes do not;
   * the scan of --shape, and --cases scans of --small_shape, to predict.
 
 Each command runs in a fresh process, measured from outside (benchmarks/measure.run_measured):
@@ -92,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--train_shape", type=positive_int, nargs=3, default=[96, 96, 64],
                         help="shape of a training case (X Y Z); the plan's patch follows from it")
     parser.add_argument("--filters", type=positive_int, nargs="+", default=[8, 16, 32, 64],
-                        help="channels per level of the network (small, for the CPU)")
+                        help="channels of the network's first levels, doubling beyond them (small, for the CPU)")
     parser.add_argument("--epochs", type=positive_int, default=1, help="training epochs")
     parser.add_argument("--train_batches", type=positive_int, default=2, help="training steps per epoch")
     parser.add_argument("--timeout", type=positive_int, default=1800, help="seconds allowed to each command")
@@ -184,6 +186,14 @@ def write_scans(folder: Path, count: int, shape: list[int], prefix: str, seed: i
 # ---------------------------------------------------------------------------------------------
 # The model
 # ---------------------------------------------------------------------------------------------
+def stage_filters(filters: list[int], stages: int) -> list[int]:
+    """Channels of each of the plan's `stages`: `filters`, cut or continued by doubling (at most 320, as nnU-Net)."""
+    result = list(filters[:stages])
+    while len(result) < stages:
+        result.append(min(2 * result[-1], 320))
+    return result
+
+
 def train_checkpoint(scratch: Path, args: argparse.Namespace) -> Path:
     """Preprocess the training task as preprocess.py does and train briefly as main.py does, both in this process;
     the checkpoint (made once per --scratch)."""
@@ -197,14 +207,16 @@ def train_checkpoint(scratch: Path, args: argparse.Namespace) -> Path:
     data = scratch / "preprocessed" / f"{TASK_NUMBER}_3d"
     if not (data / "config.json").is_file():
         preprocess_task(scratch / "raw", scratch / "preprocessed", TASK_NUMBER, dim=3)
-    spacing = json.loads((data / "config.json").read_text())["spacing"]
+    config = json.loads((data / "config.json").read_text())
+    spacing = config["spacing"]
     if not np.allclose(spacing, SPACING[::-1]):
         raise RuntimeError(f"the plan's spacing {spacing} is not the scans' {list(SPACING[::-1])} (D, H, W)")
     import main as entry
 
     argv = ["--exec_mode", "train", "--data", str(data), "--results", str(scratch / "train"), "--gpus", "0",
             "--nfolds", "2", "--fold", "0", "--epochs", str(args.epochs), "--train_batches", str(args.train_batches),
-            "--batch_size", "2", "--seed", "0", "--save_ckpt", "--filters", *map(str, args.filters)]
+            "--batch_size", "2", "--seed", "0", "--save_ckpt", "--filters",
+            *map(str, stage_filters(args.filters, len(config["network"]["strides"])))]
     # In this process (not measured): one interpreter start less; its lines would bury the table.
     log = io.StringIO()
     with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
@@ -365,10 +377,11 @@ def run(args: argparse.Namespace, scratch: Path) -> tuple[list[Run], list[str], 
     config = json.loads((scratch / "preprocessed" / f"{TASK_NUMBER}_3d" / "config.json").read_text())
     large = write_scans(scratch / "large", 1, args.shape, "scan", seed=100)
     many = write_scans(scratch / "many", args.cases, args.small_shape, "case", seed=200) if args.cases else []
-    facts = {"patch_size": config["patch_size"], "spacing_dhw": config["spacing"], "filters": args.filters,
+    filters = stage_filters(args.filters, len(config["network"]["strides"]))
+    facts = {"patch_size": config["patch_size"], "spacing_dhw": config["spacing"], "filters": filters,
              "setup_seconds": time.perf_counter() - started, "checkpoint": str(checkpoint)}
     print(f"setup: plan spacing {config['spacing']} mm (D, H, W) = the scans' (no resampling), patch "
-          f"{config['patch_size']}, filters {args.filters}; {facts['setup_seconds']:.0f} s", flush=True)
+          f"{config['patch_size']}, filters {facts['filters']}; {facts['setup_seconds']:.0f} s", flush=True)
 
     tools = ["ours", *(peer for peer in PEERS if peer in args.peers)]
     skipped: dict[str, str] = {}
