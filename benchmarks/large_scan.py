@@ -313,6 +313,9 @@ def measure(tool: str, name: str, setting: str, command: list[str], cwd: Path, l
     result = run_measured(command, env=env, cwd=str(cwd), timeout=timeout)
     run = Run(tool, name, setting)
     lines = result.output.strip().splitlines()
+    if result.returncode != 0 and result.seconds >= timeout:
+        run.note = f"stopped at the --timeout of {timeout:.0f} s, peak {result.peak_rss / MIB:.0f} MiB by then"
+        return run
     if result.returncode != 0:
         run.note = f"failed (exit {result.returncode}): {lines[-1] if lines else 'no output'}"
         return run
