@@ -115,6 +115,9 @@ def case_target_spacing(config: dict, spacing: Sequence[float]) -> list[float]:
 def preprocess_arrays(loaded: LoadedCase, config: dict, training: bool) -> tuple[np.ndarray, np.ndarray | None, dict]:
     """Crop, resample, normalise and pad one loaded case.
 
+    `loaded.image` may be changed in place (when the crop is the whole image no copy is made, to keep the
+    memory of a large scan at one image): copy it first to preprocess it again.
+
     Returns:
         image (C, D, H, W) float32, label (1, D, H, W) uint8 or None, and the geometry part of
         the case metadata (see docs/data_format.md).

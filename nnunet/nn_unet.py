@@ -286,8 +286,11 @@ class NNUnet(pl.LightningModule):
             print(error, file=sys.stderr, flush=True)
             self.failed_cases.append(case_id)
             return case_id
+        # The image leaves the batch here: Lightning holds the batch until the loop moves on, and the image would
+        # otherwise stay in memory beside the case's scores while they are written.
+        image = batch.pop("image")
         started = time.perf_counter()
-        probabilities = self.infer(batch["image"], tta=self.inference.tta, activation=self.activation,
+        probabilities = self.infer(image, tta=self.inference.tta, activation=self.activation,
                                    dtype=PREDICTION_DTYPE)[0]
         self.window_seconds += time.perf_counter() - started
         meta = batch.get("meta") or load_json(Path(self.meta_dir) / f"{case_id}_meta.json")
@@ -295,7 +298,7 @@ class NNUnet(pl.LightningModule):
             self.val_dice_sum += self.case_dice(probabilities[None], batch["label"], threshold=0.5)
             self.val_present += self.case_presence(batch["label"])
             self.val_cases += 1
-        image = batch["image"][0, 0].float().cpu().numpy() if self.inference.overlay else None
+        image = image[0, 0].float().cpu().numpy() if self.inference.overlay else None
         if self.writer is None:
             self.writer = WriteBehind()
         self.writer.submit(self.export, case_id, image, probabilities, meta)

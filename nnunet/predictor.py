@@ -31,7 +31,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import nibabel as nib
@@ -243,9 +243,14 @@ class Predictor:
         probabilities stream into `<case>_probs.npz` there instead of into the prediction."""
         grids: list[tuple[torch.Tensor, dict]] = []  # per configuration: its members' summed probabilities, meta
         member_labels: list[np.ndarray] = []  # (d, h, w) uint8 each, for the disagreement
-        for name in dict.fromkeys(member.configuration for member in self.members):
+        configurations = list(dict.fromkeys(member.configuration for member in self.members))
+        for position, name in enumerate(configurations):
             members = [member for member in self.members if member.configuration == name]
-            image, _, geometry = preprocess_arrays(loaded, members[0].model.config, training=False)
+            # Preprocessing may normalise the image in place (a crop of the whole image is no copy): every
+            # configuration but the last gets its own copy.
+            source = loaded if position == len(configurations) - 1 else replace(loaded, image=loaded.image.copy())
+            image, _, geometry = preprocess_arrays(source, members[0].model.config, training=False)
+            del source
             meta = case_meta(case, loaded, geometry)
             if grids and (meta["crop_box"], meta["cropped_shape"]) != (grids[0][1]["crop_box"],
                                                                        grids[0][1]["cropped_shape"]):

@@ -132,3 +132,31 @@ def test_bad_packages_and_flags_are_one_line_errors_that_write_nothing(model_pac
     description["labels"] = {"0": "background", "1": "tumour"}
     (mixed / "package.json").write_text(json.dumps(description))
     assert "labels" in check(mixed)
+
+
+def test_configurations_each_preprocess_the_original_image(trained, synthetic_task, tmp_path, monkeypatch):
+    """Two configurations predict an image without zero voxels at the plan's spacing (a crop of the whole image,
+    which preprocessing normalises in place): each configuration's preprocessing sees the original image."""
+    from nnunet import predictor as module
+    from nnunet.checkpoints import read_checkpoint, stored_settings
+    from nnunet.package import Postprocessing, write_package
+
+    best = trained / "checkpoints" / "best.ckpt"
+    config, _, _ = stored_settings(read_checkpoint(best), best)
+    package = write_package(tmp_path / "package", config["task"], config["task_name"], config["labels"], None,
+                            {"3d": (config, {0: best}), "again": (config, {0: best})}, Postprocessing(), {}, "test",
+                            zip_it=False)
+    seen = []
+    real = module.preprocess_arrays
+
+    def recording(loaded, plan, training):
+        seen.append(loaded.image.copy())
+        return real(loaded, plan, training)
+
+    monkeypatch.setattr(module, "preprocess_arrays", recording)
+    source = nib.load(str(sorted((synthetic_task.task_dir / "imagesTs").glob("*.nii.gz"))[0]))
+    image = np.moveaxis(np.asanyarray(source.dataobj), -1, 0) + 5.0  # (C, X, Y, Z), no voxel at 0
+    # At the plan's spacing: nothing to resample, so the crop is what gets normalised.
+    Predictor.from_package(package).predict_array(image, spacing=config["spacing"][::-1])
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[1], seen[0])
