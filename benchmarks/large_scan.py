@@ -33,7 +33,8 @@ Each command runs in a fresh process, measured from outside (benchmarks/measure.
     MONAI: 4), and its own reading (SimpleITK), cropping and resampling code.
 The --cases scans are predicted by one command per tool, without TTA; ours and ours before run through
 benchmarks/large_scan_steps.py, which is main.py plus a callback that also reports the sum of the per-case
-prediction steps (inference, inverting and writing; without reading and preprocessing).
+prediction steps (Lightning's predict step: inference, and inverting and writing where they are not done in the
+background while the next case runs; without reading and preprocessing).
 
 Printed: one table of every tool and setting (wall s, peak MiB), then the comparisons in the harness's form
 (benchmarks/measure.format_table): the peer's figure over ours, > 1 when ours is faster or smaller. A peer not

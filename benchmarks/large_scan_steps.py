@@ -4,8 +4,9 @@
 
 The same run as `python CHECKOUT/main.py MAIN_ARGS...` (in the checkout's folder, with its modules first on the
 path), plus one line at the end, `STEPS [seconds, ...]`: for each case, the time from Lightning's
-`on_predict_batch_start` to `on_predict_batch_end`, that is sliding-window inference, inverting to the source
-grid and writing the NIfTI file, without reading and preprocessing the scan. A checkout whose `main.main`
+`on_predict_batch_start` to `on_predict_batch_end`, that is sliding-window inference, and inverting to the
+source grid and writing the NIfTI file where a checkout does them in the step rather than in the background,
+without reading and preprocessing the scan. A checkout whose `main.main`
 takes no callbacks runs without them and prints no such line.
 """
 
