@@ -10,7 +10,6 @@ import pytorch_lightning as pl
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from data_preprocessing.plans import read_config
-from nnunet.benchmark import benchmark
 from nnunet.nn_unet import PREDICTIONS, model_settings
 from nnunet.predictor import predict_package
 from nnunet.preemption import Preempted
@@ -39,6 +38,8 @@ def run(args, callbacks: list[pl.Callback] | None = None) -> None:
     results = Path(args.results)
     with removing_new_empty_folders(results / CHECKPOINTS, results / PREDICTIONS):
         if args.benchmark:
+            from nnunet.benchmark import benchmark  # DALI, as in run.py, only where preprocessed data is read
+
             benchmark(cli.benchmark_settings(args), loader, device, flags, cli.optim_settings(args), callbacks)
         elif args.exec_mode == "train":
             config = read_config(loader.data)

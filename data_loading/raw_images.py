@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from data_preprocessing.dicom import raw_cases
 from data_preprocessing.reading import case_meta, load_case
 from data_preprocessing.transforms import preprocess_arrays
-from utils.background import ReadAhead
+from utils.background import Handover, ReadAhead
 from utils.errors import UserError
 
 
@@ -59,9 +59,10 @@ class RawImages(Dataset):
 
 
 def one_case_batch(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """A batch of one case, as the volume loaders give it: image (1, C, D, H, W), case_id [str], meta."""
+    """A batch of one case, as the volume loaders give it: image (1, C, D, H, W), case_id [str], meta; the image
+    in a `Handover`, so that prediction frees it once predicted (Lightning keeps the batch until the next one)."""
     (item,) = items
-    return {"image": item["image"][None], "case_id": [item["case_id"]], "meta": item["meta"]}
+    return {"image": Handover(item["image"][None]), "case_id": [item["case_id"]], "meta": item["meta"]}
 
 
 def raw_image_loader(folder: str | Path, config: dict, dicom_channels: Sequence[str] = ()) -> DataLoader:

@@ -75,7 +75,7 @@ class WindowShares:
     """
 
     def __init__(self, spatial: Sequence[int], window: Sequence[int], starts: Sequence[Sequence[int]], blend: str,
-                 device: torch.device, cache_bytes: int = 256 * 2**20) -> None:
+                 device: torch.device, cache_bytes: int = 32 * 2**20) -> None:
         self.spatial, self.window, self.starts = spatial, window, starts
         self.weight = importance_map(window, blend).to(device)
         self.cache: OrderedDict[tuple, torch.Tensor] = OrderedDict()
@@ -258,7 +258,7 @@ def case_footprint(shape: Sequence[int], classes: int, patch_size: Sequence[int]
     voxels = math.prod(shape)
     scores = classes * voxels * torch.empty((), dtype=dtype).element_size()
     window = math.prod(patch_size)
-    rest = batch_size * classes * window * 4 * (2 if tta else 1) + 256 * 2**20 + 2 * voxels + 2 * 64 * 2**20
+    rest = batch_size * classes * window * 4 * (2 if tta else 1) + 32 * 2**20 + 2 * voxels + 2 * 64 * 2**20
     return scores, rest
 
 

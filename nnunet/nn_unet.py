@@ -25,7 +25,7 @@ from nnunet.network import build_network, set_layout
 from nnunet.overlay import write_overlay
 from nnunet.regions import BRATS_EDEMA, BRATS_MEAN, labels_to_regions, score_names, task_regions
 from nnunet.schedules import make_scheduler
-from utils.background import WriteBehind
+from utils.background import Handover, WriteBehind
 from utils.errors import UserError
 from utils.io import load_json
 from utils.settings import InferenceSettings, ModelSettings, OptimSettings
@@ -279,16 +279,16 @@ class NNUnet(pl.LightningModule):
         background thread while the next case is predicted; a case too large for the memory left is reported in
         one line and skipped (`failed_cases`)."""
         case_id = batch["case_id"][0]
+        image = batch["image"]
+        if isinstance(image, Handover):  # raw images: this step holds the only reference, freed once predicted
+            image = image.take().to(self.device)
         try:
-            check_room(case_id, batch["image"], self.n_outputs, self.patch_size, self.inference.batch_size,
+            check_room(case_id, image, self.n_outputs, self.patch_size, self.inference.batch_size,
                        self.inference.tta, self.inference.stitch_device, PREDICTION_DTYPE)
         except CaseTooLarge as error:
             print(error, file=sys.stderr, flush=True)
             self.failed_cases.append(case_id)
             return case_id
-        # The image leaves the batch here: Lightning holds the batch until the loop moves on, and the image would
-        # otherwise stay in memory beside the case's scores while they are written.
-        image = batch.pop("image")
         started = time.perf_counter()
         probabilities = self.infer(image, tta=self.inference.tta, activation=self.activation,
                                    dtype=PREDICTION_DTYPE)[0]
@@ -298,7 +298,7 @@ class NNUnet(pl.LightningModule):
             self.val_dice_sum += self.case_dice(probabilities[None], batch["label"], threshold=0.5)
             self.val_present += self.case_presence(batch["label"])
             self.val_cases += 1
-        image = image[0, 0].float().cpu().numpy() if self.inference.overlay else None
+        image = image[0, 0].float().cpu().numpy() if self.inference.overlay else None  # the rest of it is freed
         if self.writer is None:
             self.writer = WriteBehind()
         self.writer.submit(self.export, case_id, image, probabilities, meta)

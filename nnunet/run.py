@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import EarlyStopping
 from pytorch_lightning.utilities.rank_zero import rank_zero_only
 
-from data_loading.data_module import DataModule
 from data_loading.raw_images import raw_image_loader
 from data_preprocessing.dicom import check_output_format
 from data_preprocessing.plans import check_plan_memory, read_config
@@ -35,12 +35,17 @@ from utils.settings import (
     TrainingSettings,
 )
 
+if TYPE_CHECKING:  # the modes import it where they read preprocessed data: predicting raw images needs no DALI
+    from data_loading.data_module import DataModule
+
 CHECKPOINTS = "checkpoints"
 
 
 def train(loader: LoaderSettings, model: ModelSettings, optim: OptimSettings, inference: InferenceSettings,
           device: DeviceSettings, training: TrainingSettings, callbacks: list[pl.Callback] | None = None) -> NNUnet:
     """Train on the fold of `loader`, writing checkpoints and logs to `training.results`."""
+    from data_loading.data_module import DataModule
+
     config = read_config(loader.data)
     if training.seed is not None:  # before the network's weights are drawn
         pl.seed_everything(training.seed, workers=True, verbose=False)
@@ -136,6 +141,8 @@ def evaluate(loader: LoaderSettings, checkpoint: str | None, flags: dict, infere
         raise UserError(f"--exec_mode evaluate scores fold {loader.fold} and writes no files: to write its "
                         f"validation predictions, preprocess the cases with preprocess.py --exec_mode val and run "
                         f"--exec_mode predict --data TASK/val --fold {loader.fold} --save_preds")
+    from data_loading.data_module import DataModule
+
     model = model_from_checkpoint(checkpoint, inference, read_config(loader.data), flags)
     trainer = build_trainer(device, callbacks)
     trainer.validate(model, datamodule=DataModule(loader), verbose=False)
@@ -182,6 +189,8 @@ def predict(loader: LoaderSettings, checkpoint: str | None, flags: dict, inferen
             model.finish_writing()  # the case being written is completed, also when prediction stops early
         cases = [case.case_id for case in images.dataset.cases]
     else:
+        from data_loading.data_module import DataModule
+
         model = model_from_checkpoint(checkpoint, inference, read_config(loader.data), flags)
         datamodule = DataModule(loader)
         model.meta_dir = str(datamodule.case_dir)

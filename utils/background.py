@@ -66,3 +66,17 @@ class WriteBehind:
             self.wait()
         finally:
             self.pool.shutdown(wait=True)
+
+
+class Handover:
+    """A value passed through holders that keep their reference (a data loader's batch, which Lightning keeps
+    until its loop moves on) to the one consumer that frees it: `take()` returns it and forgets it."""
+
+    def __init__(self, value: Any) -> None:
+        self.value = value
+
+    def take(self) -> Any:
+        value, self.value = self.value, None
+        if value is None:
+            raise RuntimeError("the value was already taken")
+        return value
